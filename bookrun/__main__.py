@@ -1,0 +1,71 @@
+"""Command line: `python -m bookrun {build,run,params} ...` (see README)."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+from papermill.exceptions import PapermillExecutionError
+
+from bookrun.chapters import CHAPTERS, PROFILES, get_chapter
+from kdlib.config import ConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bookrun", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_build = sub.add_parser("build", help="execute every chapter under a profile and build the HTML")
+    p_build.add_argument("--profile", default="default", choices=PROFILES)
+    p_build.add_argument("--chapters", nargs="*", choices=list(CHAPTERS), help="default: all")
+    p_build.add_argument("--no-execute", action="store_true", help="build pages without running code")
+
+    p_run = sub.add_parser("run", help="rerun one chapter with parameter overrides")
+    p_run.add_argument("chapter", choices=list(CHAPTERS))
+    p_run.add_argument("--profile", default="default", choices=PROFILES)
+    p_run.add_argument(
+        "-p",
+        "--param",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "VALUE"),
+        help="override one parameter (repeatable); VALUE is read as YAML: 4, 2.5, [1, 2], text",
+    )
+    p_run.add_argument("--output-dir", type=Path, help="default: _build/outputs/<profile>/<chapter>")
+
+    p_params = sub.add_parser("params", help="list a chapter's parameters, types, defaults, meaning")
+    p_params.add_argument("chapter", choices=list(CHAPTERS))
+
+    args = parser.parse_args(argv)
+    from bookrun import execute, params
+
+    try:
+        if args.command == "params":
+            print(params.describe(get_chapter(args.chapter)))
+        elif args.command == "run":
+            overrides = {name: params.parse_value(value) for name, value in args.param}
+            execute.run_chapter(get_chapter(args.chapter), args.profile, overrides, args.output_dir)
+        else:
+            execute.build(args.profile, args.chapters, execute_chapters=not args.no_execute)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except PapermillExecutionError as err:
+        print(
+            f"error: a cell failed ({err.ename}: {err.evalue}); the executed notebook holds the traceback.",
+            file=sys.stderr,
+        )
+        return 1
+    except subprocess.CalledProcessError as err:
+        print(
+            f"error: the book build failed (exit {err.returncode}); its warnings are above.", file=sys.stderr
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

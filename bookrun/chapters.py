@@ -1,0 +1,41 @@
+"""The chapters the book executes, and the configuration class that validates each one."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BOOK = ROOT / "book"
+PROFILES = ("smoke", "default", "paper")
+
+
+@dataclass(frozen=True)
+class Chapter:
+    key: str
+    stem: str
+    config: str
+    """`module:Class` of the dataclass whose fields are the chapter's parameters."""
+
+    @property
+    def source(self) -> Path:
+        return BOOK / f"{self.stem}.md"
+
+    def params_file(self, profile: str) -> Path:
+        return BOOK / "params" / self.key / f"{profile}.yml"
+
+    def config_class(self) -> type:
+        module, name = self.config.split(":")
+        return getattr(importlib.import_module(module), name)
+
+
+CHAPTERS: dict[str, Chapter] = {
+    c.key: c for c in (Chapter("ch1", "ch1_distilbert_squad", "kdlib.recipes.squad:SquadDistillationConfig"),)
+}
+
+
+def get_chapter(key: str) -> Chapter:
+    if key not in CHAPTERS:
+        raise SystemExit(f"unknown chapter {key!r}; chapters are: {', '.join(CHAPTERS)}.")
+    return CHAPTERS[key]

@@ -1,0 +1,109 @@
+"""Execute chapters with papermill and build the book with Jupyter Book 1.x.
+
+The text notebook (MyST markdown) is converted to `.ipynb` only inside the build tree, never
+beside its source, and executed there with the profile's parameters. Every chapter's
+parameters are checked before the first one runs, so a typo in the last chapter's file costs
+seconds, not the whole book.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jupytext
+import papermill
+
+from bookrun.chapters import CHAPTERS, ROOT, Chapter
+from bookrun.params import resolve
+
+BUILD = ROOT / "_build"
+SOURCE_TREE = BUILD / "src"
+SITE = BUILD / "site"
+BOOK_FILES = ("_config.yml", "_toc.yml", "references.bib")
+
+
+def outputs_dir(chapter: Chapter, profile: str) -> Path:
+    return BUILD / "outputs" / profile / chapter.key
+
+
+def offline_unless_paper(profile: str) -> None:
+    """Smoke and default profiles need nothing from the hub: make any attempt fail fast."""
+    if profile != "paper":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def execute(chapter: Chapter, parameters: dict[str, Any], notebook_out: Path) -> float:
+    """Run one chapter; raises papermill's execution error (naming the cell) if a cell fails."""
+    notebook_out.parent.mkdir(parents=True, exist_ok=True)
+    source = notebook_out.with_name(f".{chapter.stem}.source.ipynb")
+    jupytext.write(jupytext.read(chapter.source), source)
+    started = time.perf_counter()
+    try:
+        papermill.execute_notebook(
+            str(source),
+            str(notebook_out),
+            parameters=parameters,
+            kernel_name="python3",
+            language="python",
+            cwd=str(notebook_out.parent),
+            progress_bar=False,
+        )
+    finally:
+        source.unlink(missing_ok=True)
+    return time.perf_counter() - started
+
+
+def run_chapter(chapter: Chapter, profile: str, overrides: dict[str, Any], output_dir: Path | None) -> Path:
+    output_dir = (output_dir or outputs_dir(chapter, profile)).resolve()
+    parameters = resolve(chapter, profile, overrides, output_dir)
+    offline_unless_paper(profile)
+    notebook = output_dir / f"{chapter.stem}.ipynb"
+    seconds = execute(chapter, parameters, notebook)
+    print(f"{chapter.key}: executed in {seconds:.0f} s -> {notebook}")
+    return notebook
+
+
+def build(profile: str, keys: list[str] | None = None, execute_chapters: bool = True) -> Path:
+    """Execute the chapters under `profile` into a fresh build tree and build the HTML."""
+    chapters = [CHAPTERS[k] for k in (keys or list(CHAPTERS))]
+    planned = {c.key: resolve(c, profile, None, outputs_dir(c, profile).resolve()) for c in chapters}
+    offline_unless_paper(profile)
+    if SOURCE_TREE.exists():
+        shutil.rmtree(SOURCE_TREE)
+    (SOURCE_TREE / "book").mkdir(parents=True)
+    for name in BOOK_FILES:
+        shutil.copy2(ROOT / name, SOURCE_TREE / name)
+    chapter_sources = {c.source for c in CHAPTERS.values()}
+    for page in (ROOT / "book").glob("*.md"):
+        if page not in chapter_sources:
+            shutil.copy2(page, SOURCE_TREE / "book" / page.name)
+    timings = {}
+    for chapter in chapters:
+        target = SOURCE_TREE / "book" / f"{chapter.stem}.ipynb"
+        if execute_chapters:
+            timings[chapter.key] = execute(chapter, planned[chapter.key], target)
+            print(f"{chapter.key}: executed in {timings[chapter.key]:.0f} s", flush=True)
+        else:
+            jupytext.write(jupytext.read(chapter.source), target)
+    command = [
+        str(Path(sys.executable).parent / "jupyter-book"),
+        "build",
+        str(SOURCE_TREE),
+        "--path-output",
+        str(SITE),
+        "--builder",
+        "html",
+        "-W",
+        "-n",
+        "--keep-going",
+    ]
+    subprocess.run(command, check=True)
+    index = SITE / "_build" / "html" / "index.html"
+    print(f"book built at profile {profile!r}: {index}")
+    return index

@@ -1,0 +1,114 @@
+"""A chapter's parameters: read from its parameters cell, set by a profile, checked up front.
+
+papermill alone only warns about a parameter the notebook does not declare and never checks a
+type or a range. Here the parameters cell (annotated assignments with a comment each) names
+and documents the parameters, the chapter's configuration dataclass checks types and ranges,
+and both run before a kernel starts.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jupytext
+import papermill
+import yaml
+
+from bookrun.chapters import PROFILES, Chapter
+from kdlib.config import ConfigError, from_mapping
+
+
+def declared_parameters(chapter: Chapter) -> dict[str, dict[str, Any]]:
+    """name -> {type, default, help} from the chapter source's `parameters` cell."""
+    with tempfile.TemporaryDirectory() as scratch:
+        notebook = Path(scratch) / f"{chapter.stem}.ipynb"
+        jupytext.write(jupytext.read(chapter.source), notebook)
+        inspected = papermill.inspect_notebook(str(notebook))
+    found = {
+        name: {"type": p["inferred_type_name"], "default": p["default"], "help": p["help"]}
+        for name, p in inspected.items()
+    }
+    if not found:
+        raise ConfigError(f"{chapter.source} has no cell tagged 'parameters'.")
+    return found
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as YAML reads it: 4 -> int, 4.0 -> float, [1, 2] -> list, a -> str."""
+    return yaml.safe_load(text) if text.strip() else ""
+
+
+def profile_values(chapter: Chapter, profile: str) -> dict[str, Any]:
+    if profile not in PROFILES:
+        raise ConfigError(f"profile = {profile!r} is not allowed: choose one of {list(PROFILES)}.")
+    path = chapter.params_file(profile)
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} must be a mapping of parameter names to values.")
+    return values
+
+
+def resolve(
+    chapter: Chapter, profile: str, overrides: dict[str, Any] | None = None, output_dir: Path | None = None
+) -> dict[str, Any]:
+    """The parameters a run will get: profile file, then overrides; validated or ConfigError.
+
+    Returns only the values that differ from the notebook's defaults' source (profile and
+    overrides), which is what papermill injects.
+    """
+    declared = declared_parameters(chapter)
+    values = {"profile": profile, **profile_values(chapter, profile), **(overrides or {})}
+    if output_dir is not None:
+        values["output_dir"] = str(output_dir)
+    unknown = sorted(set(values) - set(declared))
+    if unknown:
+        raise ConfigError(
+            f"unknown parameter(s) {unknown} for chapter {chapter.key}; its parameters are: "
+            f"{sorted(declared)} (list them with `python -m bookrun params {chapter.key}`)."
+        )
+    config = from_mapping(chapter.config_class(), values)
+    # the config may normalise values (ints given for floats): inject what it accepted
+    return {name: getattr(config, name) for name in values}
+
+
+def describe(chapter: Chapter) -> str:
+    """A table of the chapter's parameters: name, type, default, meaning, per-profile values."""
+    declared = declared_parameters(chapter)
+    profiles = {p: profile_values(chapter, p) for p in PROFILES if chapter.params_file(p).exists()}
+    lines = [f"Parameters of {chapter.key} ({chapter.source.name}):", ""]
+    for name, info in declared.items():
+        lines.append(f"  {name}: {info['type']} = {info['default']}")
+        if info["help"]:
+            lines.append(f"      {info['help']}")
+        for profile, values in profiles.items():
+            if name in values:
+                lines.append(f"      {profile}: {values[name]!r}")
+    return "\n".join(lines)
+
+
+def check_consistency(chapter: Chapter) -> None:
+    """The parameters cell and the configuration class declare the same names and defaults."""
+    declared = declared_parameters(chapter)
+    cls = chapter.config_class()
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if set(declared) != set(fields):
+        raise ConfigError(
+            f"{chapter.source.name} declares {sorted(set(declared) - set(fields))} that "
+            f"{cls.__name__} lacks, and lacks {sorted(set(fields) - set(declared))}."
+        )
+    defaults = cls()
+    for name, info in declared.items():
+        value = ast.literal_eval(info["default"])
+        if value != getattr(defaults, name):
+            raise ConfigError(
+                f"{chapter.source.name}: default of {name} is {info['default']} but "
+                f"{cls.__name__} says {getattr(defaults, name)!r}."
+            )
+
+
+def write_yaml(path: Path, values: dict[str, Any]) -> None:
+    path.write_text(yaml.safe_dump(values, sort_keys=False))

@@ -1,0 +1,73 @@
+"""Variable-length examples in, padded tensor batches out, with cached teacher outputs alongside.
+
+Windows are kept at their own length and padded per batch (to the longest in it), so a batch of
+short windows costs less than one padded to the maximum. Per-token arrays such as cached
+teacher logits are padded the same way and masked out by the loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class FeatureDataset(torch.utils.data.Dataset):
+    """Rows of named columns; per-token columns are lists (or arrays) of each row's length.
+
+    `extra` holds arrays `[rows, max_length]` (e.g. teacher logits from the cache) cut to each
+    row's length on access.
+    """
+
+    def __init__(
+        self,
+        columns: Mapping[str, Sequence[Any]],
+        extra: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
+        sizes = {name: len(values) for name, values in columns.items()}
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"columns differ in length: {sizes}")
+        self.columns = dict(columns)
+        self.extra = dict(extra or {})
+        self._rows = next(iter(sizes.values()))
+        for name, array in self.extra.items():
+            if len(array) != self._rows:
+                raise ValueError(f"extra column {name!r} has {len(array)} rows, expected {self._rows}.")
+
+    def __len__(self) -> int:
+        return self._rows
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row = {name: values[index] for name, values in self.columns.items()}
+        length = len(row["input_ids"])
+        for name, array in self.extra.items():
+            row[name] = array[index][:length]
+        return row
+
+
+class PadCollator:
+    """Pads every per-token field to the batch's longest row; scalars become 1-D tensors.
+
+    `pad_values` gives the pad per field (input ids: the tokenizer's pad id; masks and
+    segment ids: 0); float fields not listed pad with 0.0.
+    """
+
+    def __init__(self, pad_token_id: int, pad_values: Mapping[str, float] | None = None) -> None:
+        self.pad_values = {"input_ids": pad_token_id, **(pad_values or {})}
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        batch: dict[str, torch.Tensor] = {}
+        for name in rows[0]:
+            values = [row[name] for row in rows]
+            if np.isscalar(values[0]):
+                batch[name] = torch.tensor(values)
+                continue
+            width = max(len(v) for v in values)
+            arrays = [np.asarray(v) for v in values]
+            padded = np.full((len(rows), width), self.pad_values.get(name, 0), dtype=arrays[0].dtype)
+            for i, arr in enumerate(arrays):
+                padded[i, : len(arr)] = arr
+            batch[name] = torch.from_numpy(padded)
+        return batch

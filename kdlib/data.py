@@ -1,0 +1,136 @@
+"""Data loaders over the local mirror (a data directory) or, without one, the public hub copy.
+
+The data directory comes from the `data_dir` argument, else the `KDLIB_DATA_DIR` environment
+variable. SQuAD v1.1's train set is not in the mirror, so offline runs split the dev set by
+article (`split_by_article`): questions about one article never straddle train and eval.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kdlib.hub import require_hub
+
+SQUAD_FILE = "squad/dev-v1.1.json"
+SQUAD_HUB_ID = "rajpurkar/squad"
+
+
+class DataError(ValueError):
+    """A data directory or file is missing, unreadable or malformed."""
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
+    """The data directory to read from: the argument, else $KDLIB_DATA_DIR, else None (hub)."""
+    chosen = data_dir or os.environ.get("KDLIB_DATA_DIR") or None
+    if chosen is None:
+        return None
+    path = Path(chosen).expanduser()
+    if not path.is_dir():
+        source = "data_dir" if data_dir else "KDLIB_DATA_DIR"
+        raise DataError(
+            f"{source} = {str(chosen)!r} is not a directory. Point it at the local data mirror "
+            "(the folder holding squad/, sst2/, lm/ ...), or leave it empty to use the hub."
+        )
+    return path
+
+
+def load_squad(split: str = "validation", data_dir: str | os.PathLike | None = None) -> list[dict]:
+    """SQuAD v1.1 questions in file order, each with `article` (index of its article).
+
+    From the mirror's official JSON when a data directory is set (only "validation" is
+    there), else from the hub's `rajpurkar/squad`.
+    """
+    root = resolve_data_dir(data_dir)
+    if root is not None:
+        if split != "validation":
+            raise DataError(
+                f"split={split!r}: the local mirror holds only SQuAD v1.1 dev ('validation'). "
+                "Split it by article (split_by_article), or unset the data directory to load "
+                "the full train split from the hub."
+            )
+        return _read_official_json(root / SQUAD_FILE)
+    require_hub(f"the SQuAD v1.1 {split} split ({SQUAD_HUB_ID})")
+    import datasets
+
+    rows = datasets.load_dataset(SQUAD_HUB_ID, split=split)
+    titles: dict[str, int] = {}
+    examples = []
+    for row in rows:
+        article = titles.setdefault(row["title"], len(titles))
+        examples.append(
+            {
+                "id": row["id"],
+                "title": row["title"],
+                "article": article,
+                "context": row["context"],
+                "question": row["question"],
+                "answers": {
+                    "text": list(row["answers"]["text"]),
+                    "answer_start": list(row["answers"]["answer_start"]),
+                },
+            }
+        )
+    return examples
+
+
+def _read_official_json(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise DataError(f"{path} does not exist: the data directory lacks {SQUAD_FILE}.")
+    try:
+        articles = json.loads(path.read_text(encoding="utf-8"))["data"]
+    except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as err:
+        raise DataError(
+            f"{path} is not a valid SQuAD JSON file ({err}); check it against SHA256SUMS."
+        ) from err
+    examples = []
+    for index, article in enumerate(articles):
+        for paragraph in article["paragraphs"]:
+            for qa in paragraph["qas"]:
+                examples.append(
+                    {
+                        "id": qa["id"],
+                        "title": article["title"],
+                        "article": index,
+                        "context": paragraph["context"],
+                        "question": qa["question"],
+                        "answers": {
+                            "text": [a["text"] for a in qa["answers"]],
+                            "answer_start": [a["answer_start"] for a in qa["answers"]],
+                        },
+                    }
+                )
+    if not examples:
+        raise DataError(f"{path} holds no questions.")
+    return examples
+
+
+def split_by_article(
+    examples: Sequence[dict[str, Any]], heldout_articles: Sequence[int]
+) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """Train on every article not in `heldout_articles`, evaluate on those.
+
+    Returns (train, eval, record); `record` names the articles on each side so that
+    metrics.json can say exactly what was held out.
+    """
+    heldout = set(heldout_articles)
+    present = sorted({ex["article"] for ex in examples})
+    missing = sorted(heldout - set(present))
+    if missing:
+        raise DataError(
+            f"held-out articles {missing} do not exist; articles run from {present[0]} to {present[-1]}."
+        )
+    train = [ex for ex in examples if ex["article"] not in heldout]
+    held = [ex for ex in examples if ex["article"] in heldout]
+    if not train or not held:
+        raise DataError("splitting by article left an empty side: hold out some articles, not all of them.")
+    record = {
+        "train_articles": sorted({ex["article"] for ex in train}),
+        "eval_articles": sorted(heldout),
+        "train_questions": len(train),
+        "eval_questions": len(held),
+    }
+    return train, held, record

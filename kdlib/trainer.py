@@ -1,0 +1,219 @@
+"""A `transformers.Trainer` that distils a frozen teacher into the model it trains.
+
+Following TRL's trainers, the configuration extends `TrainingArguments` (so every Trainer
+feature stays: evaluation during training, checkpoints and resume, torchrun/accelerate) and the
+trainer overrides `compute_loss` and little else. The loss is DistilBERT's
+
+    loss = alpha_ce * T^2 * KL(teacher_T || student_T) + alpha_task * L_task
+
+with each term logged separately. Teacher logits come either from the batch (precomputed once
+by `TeacherOutputCache`, fields named `teacher_<output>`) or from the teacher, run without
+gradients on the same batch.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
+
+from kdlib.config import ConfigError, check_range
+from kdlib.losses import mix_losses, soft_target_kl
+
+TEACHER_PREFIX = "teacher_"
+SPAN_LOGITS = ("start_logits", "end_logits")
+_PROBE = "Distillation, 1984: Naïve teachers & their STUDENTS -- tokenised alike?"
+
+
+@dataclass
+class DistillationArguments(TrainingArguments):
+    """`TrainingArguments` plus the distillation loss's three numbers."""
+
+    temperature: float = field(
+        default=2.0, metadata={"help": "Softmax temperature T (> 0) of the soft targets."}
+    )
+    alpha_ce: float = field(
+        default=0.5, metadata={"help": "Weight in [0, 1] of the distillation (soft-target) term."}
+    )
+    alpha_task: float = field(
+        default=0.5, metadata={"help": "Weight in [0, 1] of the task loss on the gold labels."}
+    )
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Kept False: cached teacher outputs are columns the model doesn't take."},
+    )
+
+    def __post_init__(self) -> None:
+        check_range("temperature", self.temperature, low=0.0, low_inclusive=False)
+        check_range("alpha_ce", self.alpha_ce, low=0.0, high=1.0)
+        check_range("alpha_task", self.alpha_task, low=0.0, high=1.0)
+        if self.alpha_ce == 0 and self.alpha_task == 0:
+            raise ConfigError("alpha_ce and alpha_task are both 0: at least one term must count.")
+        super().__post_init__()
+
+
+class LossNotFiniteError(FloatingPointError):
+    """A loss term became NaN or infinite; training stops with the step and term named."""
+
+
+def check_same_tokenization(teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase) -> None:
+    """Raise ValueError unless both tokenizers map text to the same ids.
+
+    Logit distillation compares outputs position by position: it is meaningless if the two
+    models saw different token sequences.
+    """
+    t_vocab, s_vocab = teacher.get_vocab(), student.get_vocab()
+    if t_vocab != s_vocab:
+        only_t = sorted(set(t_vocab) - set(s_vocab))[:5]
+        only_s = sorted(set(s_vocab) - set(t_vocab))[:5]
+        raise ValueError(
+            "teacher and student tokenizers differ: vocabularies of "
+            f"{len(t_vocab)} and {len(s_vocab)} tokens (only in teacher: {only_t}; only in "
+            f"student: {only_s}). Choose a student that shares the teacher's tokenizer."
+        )
+    words = [w for w, _ in sorted(t_vocab.items(), key=lambda item: item[1]) if w.isalpha()]
+    sample = words[:: max(1, len(words) // 64)][:64]
+    probe = " ".join([_PROBE, *(w.title() for w in sample)])  # casing and word pieces show here
+    t_ids, s_ids = teacher(probe)["input_ids"], student(probe)["input_ids"]
+    if t_ids != s_ids:
+        raise ValueError(
+            "teacher and student tokenizers share a vocabulary but tokenise differently "
+            f"(a probe text gives {t_ids[:12]}... vs {s_ids[:12]}...): check lower-casing, accents "
+            "and special tokens."
+        )
+
+
+def forward_inputs(model: torch.nn.Module, inputs: dict[str, Any], *, labels: bool) -> dict[str, Any]:
+    """The entries of `inputs` that `model.forward` accepts (labels only if `labels`)."""
+    accepted = inspect.signature(model.forward).parameters
+    label_names = {"labels", "start_positions", "end_positions"}
+    return {
+        k: v
+        for k, v in inputs.items()
+        if k in accepted and (labels or k not in label_names) and not k.startswith(TEACHER_PREFIX)
+    }
+
+
+class DistillationTrainer(Trainer):
+    """Trains `model` (the student) with a soft-target term from `teacher_model`.
+
+    Pass `teacher_tokenizer` with `processing_class` to have their tokenisation checked up
+    front. Without a teacher, every batch must carry `teacher_<output>` logits.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        teacher_model: torch.nn.Module | None = None,
+        teacher_tokenizer: PreTrainedTokenizerBase | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, DistillationArguments):
+            raise TypeError("DistillationTrainer needs DistillationArguments as `args`.")
+        if teacher_tokenizer is not None and self.processing_class is not None:
+            check_same_tokenization(teacher_tokenizer, self.processing_class)
+        self.teacher = teacher_model
+        if teacher_model is not None:
+            t_vocab = getattr(teacher_model.config, "vocab_size", None)
+            s_vocab = getattr(self.model.config, "vocab_size", None)
+            if t_vocab != s_vocab:
+                raise ValueError(
+                    f"teacher vocab_size {t_vocab} != student vocab_size {s_vocab}: the two "
+                    "models cannot read the same input ids."
+                )
+            teacher_model.requires_grad_(False)
+            teacher_model.eval()
+            self.teacher = teacher_model.to(self.args.device)
+        self._terms: dict[str, float] = defaultdict(float)
+        self._term_batches = 0
+
+    def _get_eval_sampler(self, eval_dataset: Any) -> torch.utils.data.Sampler | None:
+        """Evaluation keeps the dataset's order, even when training groups by length.
+
+        Metrics such as SQuAD's map each prediction back to its row by position; the Trainer
+        would otherwise evaluate in length-grouped, shuffled order.
+        """
+        if self.args.train_sampling_strategy != "group_by_length":
+            return super()._get_eval_sampler(eval_dataset)
+        if eval_dataset is None or not hasattr(eval_dataset, "__len__") or self.args.world_size > 1:
+            return None  # distributed: accelerate shards the dataset in order
+        return torch.utils.data.SequentialSampler(eval_dataset)
+
+    def teacher_logits(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The teacher's logits for this batch: cached in the batch, else computed now."""
+        cached = {k[len(TEACHER_PREFIX) :]: v for k, v in inputs.items() if k.startswith(TEACHER_PREFIX)}
+        if cached:
+            return cached
+        if self.teacher is None:
+            raise ValueError("no teacher_model was given and the batch carries no teacher_<output> logits.")
+        with torch.no_grad():
+            outputs = self.teacher(**forward_inputs(self.teacher, inputs, labels=False))
+        return {k: v for k, v in outputs.items() if k.endswith("logits")}
+
+    def distillation_loss(
+        self, student_outputs: Any, teacher: dict[str, torch.Tensor], inputs: dict[str, Any]
+    ) -> torch.Tensor:
+        """Mean soft-target KL over the model's logit outputs, padding excluded.
+
+        QA span logits are distributions over positions: padding positions are removed from
+        the distribution. Token-level logits `[batch, seq, vocab]` are one distribution per
+        token: padding tokens are removed from the mean. Sentence logits need no mask.
+        """
+        keys = [k for k in SPAN_LOGITS if k in student_outputs] or ["logits"]
+        attention = inputs.get("attention_mask")
+        losses = []
+        for key in keys:
+            student = student_outputs[key]
+            target = teacher[key].to(student.device)
+            kwargs: dict[str, torch.Tensor] = {}
+            if attention is not None and key in SPAN_LOGITS:
+                kwargs["class_mask"] = attention.bool()
+            elif attention is not None and student.dim() == 3:
+                kwargs["mask"] = attention.bool()
+            losses.append(soft_target_kl(student, target, self.args.temperature, **kwargs))
+        return torch.stack(losses).mean()
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        args: DistillationArguments = self.args  # type: ignore[assignment]
+        outputs = model(**forward_inputs(model, inputs, labels=True))
+        task = outputs.loss if outputs.loss is not None else torch.zeros((), device=args.device)
+        kd = torch.zeros((), device=task.device)
+        if args.alpha_ce > 0:
+            kd = self.distillation_loss(outputs, self.teacher_logits(inputs), inputs)
+        loss = mix_losses(kd, task, args.alpha_ce, args.alpha_task)
+        if model.training:
+            terms = {"kd": kd} if args.alpha_ce > 0 else {}
+            self._record(**terms, task=task, total=loss)
+        return (loss, outputs) if return_outputs else loss
+
+    def _record(self, **terms: torch.Tensor) -> None:
+        for name, value in terms.items():
+            number = float(value.detach())
+            if not math.isfinite(number):
+                raise LossNotFiniteError(
+                    f"loss term {name!r} is {number} at step {self.state.global_step + 1}: lower "
+                    "the learning rate or temperature, or check the inputs of that batch."
+                )
+            if name != "total":
+                self._terms[name] += number
+        self._term_batches += 1
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._term_batches:
+            for name, total in self._terms.items():
+                logs[f"loss_{name}"] = round(total / self._term_batches, 6)
+            self._terms.clear()
+            self._term_batches = 0
+        super().log(logs, start_time)

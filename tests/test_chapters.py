@@ -1,0 +1,129 @@
+"""Each chapter, executed at the smoke profile, writes the numbers its pages claim to show."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bookrun.chapters import CHAPTERS
+
+
+def needs_shared_data():
+    missing = [v for v in ("KDLIB_DATA_DIR", "KDLIB_MODELS_DIR") if not os.environ.get(v)]
+    if missing:
+        reason = f"{missing} not set: the chapters read the data mirror and fine-tuned teachers"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def ch1_metrics(tmp_path_factory):
+    needs_shared_data()
+    out = tmp_path_factory.mktemp("ch1")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bookrun",
+            "run",
+            "ch1",
+            "--profile",
+            "smoke",
+            "-p",
+            "temperature",
+            "3",
+            "--output-dir",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, json.loads((out / "metrics.json").read_text())
+
+
+def test_ch1_records_parameters_and_provenance(ch1_metrics):
+    _, metrics = ch1_metrics
+    assert metrics["chapter"] == "ch1" and metrics["profile"] == "smoke"
+    assert metrics["parameters"]["temperature"] == 3.0  # the override reached the notebook
+    assert metrics["parameters"]["max_train_windows"] == 24  # the smoke profile's value
+    assert metrics["wall_time_s"] > 0 and metrics["peak_memory_mb"] > 0
+    assert {"torch", "transformers", "python"} <= set(metrics["versions"])
+    assert metrics["hardware"]["cpu_count"] >= 1
+    assert metrics["data"]["eval_articles"] == list(range(38, 48))
+    assert not set(metrics["data"]["train_articles"]) & set(metrics["data"]["eval_articles"])
+
+
+def test_ch1_scores_every_model_on_the_same_questions(ch1_metrics):
+    out, metrics = ch1_metrics
+    results = metrics["results"]
+    for name in ("teacher", "student_alone", "student_distilled"):
+        assert results[name]["questions"] == 12
+        assert 0 <= results[name]["exact_match"] <= results[name]["f1"] <= 100
+        predictions = json.loads((out / "predictions" / f"{name}.json").read_text())
+        assert len(predictions) == 12 and all(isinstance(v, str) for v in predictions.values())
+    assert results["teacher"]["f1"] > 30  # the fine-tuned teacher answers; an untrained model cannot
+    gain = results["kd_gain"]["f1"]
+    expected = results["student_distilled"]["f1"] - results["student_alone"]["f1"]
+    assert gain["mean"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_ch1_logs_each_loss_term(ch1_metrics):
+    _, metrics = ch1_metrics
+    curves = metrics["results"]["curves"]
+    distilled = [h for h in curves["student_distilled"] if "loss_task" in h]
+    alone = [h for h in curves["student_alone"] if "loss_task" in h]
+    assert distilled and all("loss_kd" in h for h in distilled)
+    assert alone and not any("loss_kd" in h for h in alone)
+    assert any("eval_f1" in h for h in curves["student_distilled"])
+
+
+def test_ch1_cites_the_paper(ch1_metrics):
+    _, metrics = ch1_metrics
+    ref = metrics["reference"]
+    assert ref["citation"] == "sanh2019distilbert"
+    assert (ref["student_distilled"]["exact_match"], ref["student_distilled"]["f1"]) == (79.1, 86.9)
+    bib = (CHAPTERS["ch1"].source.parent.parent / "references.bib").read_text()
+    assert "@article{sanh2019distilbert" in bib
+
+
+def test_ch1_paper_profile_fails_fast_offline(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bookrun",
+            "run",
+            "ch1",
+            "--profile",
+            "paper",
+            "--output-dir",
+            str(tmp_path / "p"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert result.returncode != 0
+    assert "hub" in result.stderr.lower()
+    assert not (tmp_path / "p" / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_teacher_command_saves_a_loadable_stamped_teacher(tmp_path, monkeypatch):
+    needs_shared_data()
+    from kdlib.recipes.train_teacher import TeacherRecipe, train_teacher
+    from kdlib.registry import STAMP, WEIGHTS, sha256_file
+
+    monkeypatch.setenv("KDLIB_CACHE_DIR", str(tmp_path / "cache"))
+    target = train_teacher(TeacherRecipe(max_steps=2, batch_size=2, output=str(tmp_path / "teacher")))
+    stamp = json.loads((target / STAMP).read_text())
+    assert stamp["sha256"] == sha256_file(target / WEIGHTS)
+    assert stamp["recipe"]["max_steps"] == 2 and stamp["split"]["eval_articles"] == list(range(38, 48))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".teacher-")]

@@ -1,0 +1,67 @@
+"""Parameters are checked by name, type and range before any work starts."""
+
+import pytest
+
+from kdlib.config import ConfigError, from_mapping, from_namespace
+from kdlib.recipes.squad import SquadDistillationConfig
+
+
+def test_defaults_are_valid():
+    SquadDistillationConfig()
+
+
+@pytest.mark.parametrize(
+    "values, culprit",
+    [
+        ({"temperature": 0}, "temperature"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"alpha_ce": 1.2}, "alpha_ce"),
+        ({"alpha_squad": -0.5}, "alpha_squad"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"max_length": 64, "stride": 64}, "max_length"),
+        ({"learning_rate": 0.0}, "learning_rate"),
+        ({"warmup_ratio": 1.0}, "warmup_ratio"),
+        ({"split": "train"}, "split"),
+        ({"profile": "huge"}, "profile"),
+        ({"alpha_ce": 0.0, "alpha_squad": 0.0}, "alpha_ce and alpha_squad"),
+    ],
+)
+def test_out_of_range_values_name_the_parameter(values, culprit):
+    with pytest.raises(ConfigError, match=culprit):
+        from_mapping(SquadDistillationConfig, values)
+
+
+def test_unknown_name_lists_the_known_ones():
+    with pytest.raises(ConfigError, match=r"unknown parameter\(s\) \['temprature'\].*temperature"):
+        from_mapping(SquadDistillationConfig, {"temprature": 2.0})
+
+
+@pytest.mark.parametrize(
+    "values, culprit",
+    [
+        ({"temperature": "hot"}, "temperature.*expected float"),
+        ({"batch_size": 8.5}, "batch_size.*expected int"),
+        ({"batch_size": True}, "batch_size.*expected int"),
+        ({"heldout_articles": [1, "x"]}, "heldout_articles"),
+        ({"teacher": 3}, "teacher.*expected str"),
+    ],
+)
+def test_wrong_types_name_the_parameter_and_the_type(values, culprit):
+    with pytest.raises(ConfigError, match=culprit):
+        from_mapping(SquadDistillationConfig, values)
+
+
+def test_int_is_accepted_for_float_and_converted():
+    cfg = from_mapping(SquadDistillationConfig, {"temperature": 4})
+    assert cfg.temperature == 4.0 and isinstance(cfg.temperature, float)
+
+
+def test_from_namespace_takes_exactly_the_fields():
+    namespace = {
+        f: getattr(SquadDistillationConfig(), f) for f in SquadDistillationConfig.__dataclass_fields__
+    }
+    namespace["unrelated_global"] = object()
+    assert from_namespace(SquadDistillationConfig, namespace) == SquadDistillationConfig()
+    del namespace["stride"]
+    with pytest.raises(ConfigError, match="stride"):
+        from_namespace(SquadDistillationConfig, namespace)

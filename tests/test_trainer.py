@@ -1,0 +1,226 @@
+"""DistillationTrainer on tiny QA models: the loss it optimises, the teacher, the logs."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import WORDS, make_tokenizer
+
+from kdlib import qa
+from kdlib.batching import FeatureDataset, PadCollator
+from kdlib.config import ConfigError
+from kdlib.losses import soft_target_kl
+from kdlib.trainer import (
+    DistillationArguments,
+    DistillationTrainer,
+    LossNotFiniteError,
+    check_same_tokenization,
+)
+
+CONTEXTS = [
+    "the eiffel tower was built in 1889 by gustave eiffel in paris france",
+    "the river flows through london the capital of england",
+]
+
+
+def examples():
+    rows = []
+    for i, (question, answer, context) in enumerate(
+        [
+            ("who built the eiffel tower", "gustave eiffel", CONTEXTS[0]),
+            ("when was the tower built", "1889", CONTEXTS[0]),
+            ("what is the capital of england", "london", CONTEXTS[1]),
+            ("where is paris", "france", CONTEXTS[0]),
+        ]
+    ):
+        rows.append(
+            {
+                "id": f"q{i}",
+                "question": question,
+                "context": context,
+                "answers": {"text": [answer], "answer_start": [context.index(answer)]},
+            }
+        )
+    return rows
+
+
+def dataset(tokenizer, teacher_logits=None):
+    windows = qa.prepare_windows(examples(), tokenizer, max_length=24, stride=4)
+    columns = dict(
+        windows.features, start_positions=windows.start_positions, end_positions=windows.end_positions
+    )
+    extra = {f"teacher_{k}": v for k, v in (teacher_logits or {}).items()}
+    return windows, FeatureDataset(columns, extra)
+
+
+def args(tmp_path, **overrides):
+    values = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        max_steps=3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=0,
+        dataloader_pin_memory=False,
+        temperature=2.0,
+        alpha_ce=0.5,
+        alpha_task=0.5,
+    )
+    values.update(overrides)
+    return DistillationArguments(**values)
+
+
+def batch_of(ds, tokenizer):
+    return PadCollator(tokenizer.pad_token_id)([ds[i] for i in range(len(ds))])
+
+
+def test_loss_is_the_weighted_sum_of_kd_and_task(tmp_path, tiny_qa_pair, tiny_tokenizer):
+    teacher, student = tiny_qa_pair
+    _, ds = dataset(tiny_tokenizer)
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=args(tmp_path, alpha_ce=0.3, alpha_task=0.7),
+        train_dataset=ds,
+        data_collator=PadCollator(0),
+    )
+    batch = batch_of(ds, tiny_tokenizer)
+    student.eval()  # no dropout: the comparison is exact
+    loss = trainer.compute_loss(student, dict(batch))
+    with torch.no_grad():
+        s = student(**batch)
+        t = teacher(**{k: v for k, v in batch.items() if "position" not in k})
+    valid = batch["attention_mask"].bool()
+    kd = (
+        soft_target_kl(s.start_logits, t.start_logits, 2.0, class_mask=valid)
+        + soft_target_kl(s.end_logits, t.end_logits, 2.0, class_mask=valid)
+    ) / 2
+    assert loss.item() == pytest.approx(0.3 * kd.item() + 0.7 * s.loss.item(), rel=1e-5)
+
+
+def test_cached_teacher_logits_give_the_online_loss(tmp_path, tiny_qa_pair, tiny_tokenizer):
+    teacher, student = tiny_qa_pair
+    windows, ds = dataset(tiny_tokenizer)
+    batch = batch_of(ds, tiny_tokenizer)
+    teacher.eval()
+    with torch.no_grad():
+        out = teacher(**{k: v for k, v in batch.items() if "position" not in k})
+    width = max(windows.lengths())
+    cached = {k: np.zeros((len(windows), width), np.float32) for k in ("start_logits", "end_logits")}
+    for key in cached:
+        cached[key][:, : out[key].shape[1]] = out[key].numpy()
+    _, cached_ds = dataset(tiny_tokenizer, cached)
+    online = DistillationTrainer(model=student, teacher_model=teacher, args=args(tmp_path), train_dataset=ds)
+    offline = DistillationTrainer(model=student, args=args(tmp_path), train_dataset=cached_ds)
+    student.eval()
+    a = online.compute_loss(student, dict(batch))
+    b = offline.compute_loss(student, dict(batch_of(cached_ds, tiny_tokenizer)))
+    assert a.item() == pytest.approx(b.item(), rel=1e-6)
+
+
+def test_training_leaves_teacher_frozen_and_logs_each_term(tmp_path, tiny_qa_pair, tiny_tokenizer):
+    teacher, student = tiny_qa_pair
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student_before = student.qa_outputs.weight.clone()
+    _, ds = dataset(tiny_tokenizer)
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=args(tmp_path),
+        train_dataset=ds,
+        data_collator=PadCollator(0),
+    )
+    trainer.train()
+    assert not teacher.training
+    assert all(not p.requires_grad for p in teacher.parameters())
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not torch.equal(student.qa_outputs.weight, student_before)
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert logged and all("loss_kd" in h and "loss_task" in h for h in logged)
+    assert all(h["loss_kd"] >= 0 for h in logged)
+
+
+def test_alpha_ce_zero_is_plain_fine_tuning(tmp_path, tiny_qa_pair, tiny_tokenizer):
+    _, student = tiny_qa_pair
+    _, ds = dataset(tiny_tokenizer)
+    trainer = DistillationTrainer(
+        model=student, args=args(tmp_path, alpha_ce=0.0, alpha_task=1.0), train_dataset=ds
+    )
+    batch = batch_of(ds, tiny_tokenizer)
+    student.eval()
+    assert trainer.compute_loss(student, dict(batch)).item() == pytest.approx(
+        student(**batch).loss.item(), rel=1e-6
+    )
+
+
+def test_without_teacher_or_cache_the_error_says_so(tmp_path, tiny_qa_pair, tiny_tokenizer):
+    _, student = tiny_qa_pair
+    _, ds = dataset(tiny_tokenizer)
+    trainer = DistillationTrainer(model=student, args=args(tmp_path), train_dataset=ds)
+    with pytest.raises(ValueError, match="teacher"):
+        trainer.compute_loss(student, dict(batch_of(ds, tiny_tokenizer)))
+
+
+def test_nan_loss_stops_naming_the_term_and_step(tmp_path, tiny_qa_pair, tiny_tokenizer):
+    teacher, student = tiny_qa_pair
+    windows, ds = dataset(tiny_tokenizer)
+    width = max(windows.lengths())
+    bad = {k: np.full((len(windows), width), np.nan, np.float32) for k in ("start_logits", "end_logits")}
+    _, bad_ds = dataset(tiny_tokenizer, bad)
+    trainer = DistillationTrainer(
+        model=student, args=args(tmp_path), train_dataset=bad_ds, data_collator=PadCollator(0)
+    )
+    with pytest.raises(LossNotFiniteError, match="'kd'.*step 1"):
+        trainer.train()
+
+
+@pytest.mark.parametrize(
+    "field, value", [("temperature", 0.0), ("temperature", -2.0), ("alpha_ce", 1.5), ("alpha_task", -0.1)]
+)
+def test_arguments_are_range_checked_by_name(tmp_path, field, value):
+    with pytest.raises(ConfigError, match=field):
+        args(tmp_path, **{field: value})
+
+
+def test_both_weights_zero_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="both 0"):
+        args(tmp_path, alpha_ce=0.0, alpha_task=0.0)
+
+
+def test_different_tokenizers_are_refused_up_front(tmp_path, tiny_qa_pair, tiny_tokenizer):
+    teacher, student = tiny_qa_pair
+    other = make_tokenizer(WORDS[:-1] + ["zebra"])
+    with pytest.raises(ValueError, match="tokenizers differ.*zebra"):
+        check_same_tokenization(tiny_tokenizer, other)
+    _, ds = dataset(tiny_tokenizer)
+    with pytest.raises(ValueError, match="tokenizers differ"):
+        DistillationTrainer(
+            model=student,
+            teacher_model=teacher,
+            teacher_tokenizer=other,
+            processing_class=tiny_tokenizer,
+            args=args(tmp_path),
+            train_dataset=ds,
+        )
+
+
+def test_same_vocabulary_but_different_casing_is_refused(tiny_tokenizer):
+    from transformers import BertTokenizer
+
+    cased = BertTokenizer(vocab=tiny_tokenizer.get_vocab(), do_lower_case=False)
+    with pytest.raises(ValueError, match="tokenise differently"):
+        check_same_tokenization(tiny_tokenizer, cased)
+
+
+def test_mismatched_vocab_sizes_are_refused(tmp_path, tiny_tokenizer):
+    from conftest import tiny_bert_config
+    from transformers import BertForQuestionAnswering
+
+    teacher = BertForQuestionAnswering(tiny_bert_config(vocab_size=50))
+    student = BertForQuestionAnswering(tiny_bert_config())
+    _, ds = dataset(tiny_tokenizer)
+    with pytest.raises(ValueError, match="vocab_size"):
+        DistillationTrainer(model=student, teacher_model=teacher, args=args(tmp_path), train_dataset=ds)
