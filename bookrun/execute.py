@@ -8,6 +8,7 @@ seconds, not the whole book.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -28,6 +29,20 @@ SITE = BUILD / "site"
 BOOK_FILES = ("_config.yml", "_toc.yml", "references.bib")
 
 
+def vendor_mathjax(tree: Path) -> None:
+    """Serve MathJax from the site itself, so that equations render on an offline laptop.
+
+    It goes in as an extra path (copied verbatim to the site's root), not as a static path:
+    Jupyter Book would add every script under `_static` to every page.
+    """
+    spec = importlib.util.find_spec("jupyter_server_mathjax")
+    if spec is None or spec.origin is None:
+        raise SystemExit(
+            "MathJax for offline pages is missing: pip install --no-deps jupyter-server-mathjax==0.2.6"
+        )
+    shutil.copytree(Path(spec.origin).parent / "static", tree / "_mathjax" / "mathjax")
+
+
 def outputs_dir(chapter: Chapter, profile: str) -> Path:
     return BUILD / "outputs" / profile / chapter.key
 
@@ -39,8 +54,15 @@ def offline_unless_paper(profile: str) -> None:
 
 
 def execute(chapter: Chapter, parameters: dict[str, Any], notebook_out: Path) -> float:
-    """Run one chapter; raises papermill's execution error (naming the cell) if a cell fails."""
+    """Run one chapter; raises papermill's execution error (naming the cell) if a cell fails.
+
+    The notebook runs in its own folder and gets `output_dir` relative to it, so the pages
+    show no path of the machine that built them.
+    """
     notebook_out.parent.mkdir(parents=True, exist_ok=True)
+    parameters = dict(parameters)
+    if "output_dir" in parameters:
+        parameters["output_dir"] = os.path.relpath(parameters["output_dir"], notebook_out.parent)
     source = notebook_out.with_name(f".{chapter.stem}.source.ipynb")
     jupytext.write(jupytext.read(chapter.source), source)
     started = time.perf_counter()
@@ -79,6 +101,7 @@ def build(profile: str, keys: list[str] | None = None, execute_chapters: bool = 
     (SOURCE_TREE / "book").mkdir(parents=True)
     for name in BOOK_FILES:
         shutil.copy2(ROOT / name, SOURCE_TREE / name)
+    vendor_mathjax(SOURCE_TREE)
     chapter_sources = {c.source for c in CHAPTERS.values()}
     for page in (ROOT / "book").glob("*.md"):
         if page not in chapter_sources:

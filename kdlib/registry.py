@@ -62,6 +62,7 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 def _package_file(package: str, suffix: str, spec_name: str) -> Path:
     """A file ending in `suffix` inside an installed distribution, or a clear install hint."""
+    package = package.split("==")[0]
     try:
         files = importlib.metadata.files(package) or []
     except importlib.metadata.PackageNotFoundError:
@@ -294,6 +295,7 @@ def _materialise(spec: ModelSpec) -> Path:
         shutil.rmtree(target)  # corrupt or half-replaced: rebuild from the package
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=target.parent))
+    scratch.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any model folder
     try:
         spec.build(scratch)
         write_stamp(scratch, source_sha256=spec.source_sha256, packages=list(spec.packages))

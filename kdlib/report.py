@@ -123,3 +123,20 @@ def _check_finite(value: Any, where: str = "metrics") -> None:
     elif isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
             _check_finite(item, f"{where}[{i}]")
+
+
+VERDICTS = ("reproduced", "inconclusive", "not reproduced")
+
+
+def gain_verdict(mean: float, se: float, seeds_improved: int, seeds: int) -> str:
+    """Whether a claimed improvement showed up: one of `VERDICTS`.
+
+    "reproduced": the mean gain exceeds two standard errors and every seed improved;
+    "not reproduced": the mean gain is zero or negative; "inconclusive": anything between
+    (a positive gain within the noise, or seeds that disagree).
+    """
+    if mean <= 0:
+        return "not reproduced"
+    if mean > 2 * se and seeds_improved == seeds:
+        return "reproduced"
+    return "inconclusive"

@@ -58,28 +58,53 @@ def test_ch1_records_parameters_and_provenance(ch1_metrics):
     assert not set(metrics["data"]["train_articles"]) & set(metrics["data"]["eval_articles"])
 
 
+RUNS = [
+    "teacher",
+    "student_alone/seed0",
+    "student_distilled/seed0",
+    "student_alone/seed1",
+    "student_distilled/seed1",
+]
+
+
 def test_ch1_scores_every_model_on_the_same_questions(ch1_metrics):
     out, metrics = ch1_metrics
     results = metrics["results"]
-    for name in ("teacher", "student_alone", "student_distilled"):
-        assert results[name]["questions"] == 12
-        assert 0 <= results[name]["exact_match"] <= results[name]["f1"] <= 100
-        predictions = json.loads((out / "predictions" / f"{name}.json").read_text())
+    scored = {"teacher": results["teacher"], **results["runs"]}
+    assert sorted(scored) == sorted(RUNS)
+    for name, scores in scored.items():
+        assert scores["questions"] == 12
+        assert 0 <= scores["exact_match"] <= scores["f1"] <= 100
+        predictions = json.loads((out / "predictions" / f"{name.replace('/', '_')}.json").read_text())
         assert len(predictions) == 12 and all(isinstance(v, str) for v in predictions.values())
     assert results["teacher"]["f1"] > 30  # the fine-tuned teacher answers; an untrained model cannot
+
+
+def test_ch1_summary_is_the_mean_over_seeds_and_the_gain_is_paired(ch1_metrics):
+    _, metrics = ch1_metrics
+    results = metrics["results"]
+    runs = results["runs"]
+    for student in ("student_alone", "student_distilled"):
+        f1s = [runs[f"{student}/seed{s}"]["f1"] for s in (0, 1)]
+        assert results[student]["f1"] == pytest.approx(sum(f1s) / 2)
+        assert results[student]["f1_std"] == pytest.approx(abs(f1s[0] - f1s[1]) / 2**0.5)
     gain = results["kd_gain"]["f1"]
-    expected = results["student_distilled"]["f1"] - results["student_alone"]["f1"]
-    assert gain["mean"] == pytest.approx(expected, abs=1e-6)
+    per_seed = [
+        runs[f"student_distilled/seed{s}"]["f1"] - runs[f"student_alone/seed{s}"]["f1"] for s in (0, 1)
+    ]
+    assert gain["per_seed"] == pytest.approx(per_seed)
+    assert gain["mean"] == pytest.approx(results["student_distilled"]["f1"] - results["student_alone"]["f1"])
+    assert gain["seeds_improved"] == sum(g > 0 for g in per_seed)
 
 
 def test_ch1_logs_each_loss_term(ch1_metrics):
     _, metrics = ch1_metrics
     curves = metrics["results"]["curves"]
-    distilled = [h for h in curves["student_distilled"] if "loss_task" in h]
-    alone = [h for h in curves["student_alone"] if "loss_task" in h]
+    distilled = [h for h in curves["student_distilled/seed0"] if "loss_task" in h]
+    alone = [h for h in curves["student_alone/seed0"] if "loss_task" in h]
     assert distilled and all("loss_kd" in h for h in distilled)
     assert alone and not any("loss_kd" in h for h in alone)
-    assert any("eval_f1" in h for h in curves["student_distilled"])
+    assert any("eval_f1" in h for h in curves["student_distilled/seed0"])
 
 
 def test_ch1_cites_the_paper(ch1_metrics):

@@ -24,6 +24,9 @@ def test_defaults_are_valid():
         ({"split": "train"}, "split"),
         ({"profile": "huge"}, "profile"),
         ({"alpha_ce": 0.0, "alpha_squad": 0.0}, "alpha_ce and alpha_squad"),
+        ({"train_seeds": []}, "train_seeds"),
+        ({"train_seeds": [1, 1]}, "train_seeds"),
+        ({"train_seeds": [-1]}, "train_seeds"),
     ],
 )
 def test_out_of_range_values_name_the_parameter(values, culprit):

@@ -50,7 +50,7 @@ class SquadDistillationConfig:
     data_dir: str = ""
     split: str = "dev-by-article"
     heldout_articles: list[int] = field(default_factory=lambda: list(range(38, 48)))
-    max_train_windows: int = 2400
+    max_train_windows: int = 2000
     eval_questions: int = 400
     curve_questions: int = 100
     max_length: int = 192
@@ -67,6 +67,7 @@ class SquadDistillationConfig:
     weight_decay: float = 0.01
     eval_every: int = 50
     seed: int = 0
+    train_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     output_dir: str = "outputs/ch1"
 
     def __post_init__(self) -> None:
@@ -94,6 +95,10 @@ class SquadDistillationConfig:
         check_range("warmup_ratio", self.warmup_ratio, low=0.0, high=1.0, high_inclusive=False)
         check_range("weight_decay", self.weight_decay, low=0.0)
         check_range("seed", self.seed, low=0)
+        if not self.train_seeds or len(set(self.train_seeds)) != len(self.train_seeds):
+            raise ConfigError(f"train_seeds = {self.train_seeds} must be a non-empty list of distinct seeds.")
+        for seed in self.train_seeds:
+            check_range("train_seeds[i]", seed, low=0)
         if not self.output_dir:
             raise ConfigError("output_dir is empty: name a folder for metrics.json.")
 
@@ -286,8 +291,13 @@ def reference_numbers() -> dict[str, Any]:
     }
 
 
+STUDENTS = ("student_alone", "student_distilled")
+
+
 @dataclass
 class StudentRun:
+    name: str
+    """`student_alone/seed0`, `student_distilled/seed0`, ...: the key of its results."""
     model: torch.nn.Module
     history: list[dict[str, Any]]
     seconds: float
@@ -337,20 +347,23 @@ class SquadExperiment:
         scores = qa.squad_scores(predictions, self.data.eval_examples)
         self.predictions[name] = predictions
         self.question_scores[name] = qa.per_question_scores(predictions, self.data.eval_examples)
-        self.record["results"][name] = scores
         if name == "teacher":
             self.teacher_eval_logits = logits
+            self.record["results"]["teacher"] = scores
+        else:
+            self.record["results"].setdefault("runs", {})[name] = scores
         return scores
 
-    def train_student(self, distil: bool) -> StudentRun:
+    def train_student(self, distil: bool, seed: int) -> StudentRun:
         """Fine-tune a fresh copy of the student, alone or with the teacher's cached logits.
 
-        The seed fixes the new QA head, dropout and the data order, so the two runs differ
-        only in the loss.
+        `seed` fixes the new QA head, dropout and the data order, so the two runs of one seed
+        differ only in the loss.
         """
-        cfg, name = self.cfg, "student_distilled" if distil else "student_alone"
+        cfg = self.cfg
+        name = f"{STUDENTS[distil]}/seed{seed}"
         use_teacher = distil and cfg.alpha_ce > 0
-        transformers.set_seed(cfg.seed)
+        transformers.set_seed(seed)
         model, tokenizer = load_qa_model(cfg.student)
         args = DistillationArguments(
             output_dir=str(Path(cfg.output_dir) / "runs" / name),
@@ -365,7 +378,7 @@ class SquadExperiment:
             eval_strategy="steps" if cfg.eval_every and self.data.curve else "no",
             eval_steps=cfg.eval_every or None,
             save_strategy="no",
-            seed=cfg.seed,
+            seed=seed,
             temperature=cfg.temperature,
             alpha_ce=cfg.alpha_ce if use_teacher else 0.0,
             alpha_task=cfg.alpha_squad if use_teacher else 1.0,
@@ -393,26 +406,54 @@ class SquadExperiment:
         self.timings[f"train_{name}_s"] = seconds
         history = trainer.state.log_history
         self.record["results"].setdefault("curves", {})[name] = history
-        return StudentRun(trainer.model, history, seconds)
+        return StudentRun(name, trainer.model, history, seconds)
 
     def logging_steps(self) -> int:
         """Log the loss terms about every 10 steps, and at least 10 times per run."""
         steps = math.ceil(len(self.data.train) / self.cfg.batch_size) * self.cfg.epochs
         return max(1, min(10, int(steps // 10)))
 
-    def kd_gain(self) -> dict[str, dict[str, float]]:
-        """Distilled minus alone, per question (paired), EM and F1 in points with their SE."""
-        em_a, f1_a = self.question_scores["student_alone"]
-        em_d, f1_d = self.question_scores["student_distilled"]
-        gain = {"exact_match": qa.paired_difference(em_a, em_d), "f1": qa.paired_difference(f1_a, f1_d)}
-        self.record["results"]["kd_gain"] = gain
-        return gain
+    def summarize(self) -> dict[str, Any]:
+        """Mean and spread over the training seeds, and the gain of the second step.
+
+        Each student's EM/F1 are averaged over seeds (with their standard deviation). The gain
+        is distilled minus alone, paired twice: per seed (same seed, same data order), and per
+        question on the seed-averaged scores, whose standard error measures how much the
+        choice of questions alone could move it.
+        """
+        results, seeds = self.record["results"], self.cfg.train_seeds
+        for student in STUDENTS:
+            runs = [results["runs"][f"{student}/seed{seed}"] for seed in seeds]
+            summary: dict[str, Any] = {"seeds": list(seeds)}
+            for metric in ("exact_match", "f1"):
+                values = np.array([run[metric] for run in runs])
+                summary[metric] = float(values.mean())
+                summary[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+            results[student] = summary
+        gain: dict[str, Any] = {}
+        for i, metric in enumerate(("exact_match", "f1")):
+            per_seed = [
+                results["runs"][f"student_distilled/seed{s}"][metric]
+                - results["runs"][f"student_alone/seed{s}"][metric]
+                for s in seeds
+            ]
+            alone = np.mean([self.question_scores[f"student_alone/seed{s}"][i] for s in seeds], axis=0)
+            distilled = np.mean(
+                [self.question_scores[f"student_distilled/seed{s}"][i] for s in seeds], axis=0
+            )
+            gain[metric] = {
+                **qa.paired_difference(alone, distilled),
+                "per_seed": per_seed,
+                "seeds_improved": int(sum(g > 0 for g in per_seed)),
+            }
+        results["kd_gain"] = gain
+        return results
 
     def write(self) -> Path:
         """metrics.json (whole or not at all) and predictions/<model>.json beside it."""
         out = Path(self.cfg.output_dir)
         for name, predictions in self.predictions.items():
-            write_json_atomic(out / "predictions" / f"{name}.json", predictions)
+            write_json_atomic(out / "predictions" / f"{name.replace('/', '_')}.json", predictions)
         self.record["timings"] = {k: round(v, 1) for k, v in self.timings.items()}
         self.record["cache"] = {"hits": self.cache.hits, "misses": self.cache.misses}
         return self.record.write(out / "metrics.json")
