@@ -252,7 +252,8 @@ def resolve_model(name_or_path: str) -> str:
         if not (path / "config.json").exists():
             raise ModelNotAvailableError(f"{path} is a folder but holds no config.json.")
         return str(path)
-    if name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").replace("/", "", 1):
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_like_path:  # a hub id is `name` or `owner/name`
         raise ModelNotAvailableError(f"model folder {name_or_path!r} does not exist.")
     require_hub(f"model {name_or_path!r}")
     return name_or_path

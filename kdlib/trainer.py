@@ -13,6 +13,7 @@ gradients on the same batch.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections import defaultdict
@@ -88,10 +89,24 @@ def check_same_tokenization(teacher: PreTrainedTokenizerBase, student: PreTraine
         )
 
 
+@functools.lru_cache(maxsize=32)
+def _accepted_inputs(model_class: type) -> frozenset[str]:
+    return frozenset(inspect.signature(model_class.forward).parameters)
+
+
+LABEL_NAMES = frozenset({"labels", "start_positions", "end_positions"})
+
+
 def forward_inputs(model: torch.nn.Module, inputs: dict[str, Any], *, labels: bool) -> dict[str, Any]:
-    """The entries of `inputs` that `model.forward` accepts (labels only if `labels`)."""
-    accepted = inspect.signature(model.forward).parameters
-    label_names = {"labels", "start_positions", "end_positions"}
+    """The entries of `inputs` that `model.forward` accepts (labels only if `labels`).
+
+    Wrappers such as DistributedDataParallel take `*args, **kwargs`: the wrapped model's own
+    signature decides.
+    """
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    accepted = _accepted_inputs(type(model))
+    label_names = LABEL_NAMES
     return {
         k: v
         for k, v in inputs.items()

@@ -224,3 +224,48 @@ def test_mismatched_vocab_sizes_are_refused(tmp_path, tiny_tokenizer):
     _, ds = dataset(tiny_tokenizer)
     with pytest.raises(ValueError, match="vocab_size"):
         DistillationTrainer(model=student, teacher_model=teacher, args=args(tmp_path), train_dataset=ds)
+
+
+def test_evaluation_keeps_dataset_order_when_training_groups_by_length(
+    tmp_path, tiny_qa_pair, tiny_tokenizer
+):
+    # Regression: the Trainer evaluated in length-grouped, shuffled order, so SQuAD metrics
+    # matched predictions to the wrong windows.
+    _, student = tiny_qa_pair
+    windows, ds = dataset(tiny_tokenizer)
+    trainer = DistillationTrainer(
+        model=student,
+        args=args(tmp_path, alpha_ce=0.0, alpha_task=1.0, train_sampling_strategy="group_by_length"),
+        train_dataset=ds,
+        eval_dataset=ds,
+        data_collator=PadCollator(0),
+    )
+    predicted = trainer.predict(ds).predictions[0]
+    student.eval()
+    for i in range(len(ds)):
+        row = PadCollator(0)([ds[i]])
+        with torch.no_grad():
+            expected = student(**{k: v for k, v in row.items() if "position" not in k}).start_logits[0]
+        n = len(windows.offsets[i])
+        np.testing.assert_allclose(predicted[i][:n], expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_forward_inputs_sees_through_ddp_style_wrappers(tiny_qa_pair):
+    from kdlib.trainer import forward_inputs
+
+    class Wrapper(torch.nn.Module):  # what DistributedDataParallel looks like to inspect
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
+
+    _, student = tiny_qa_pair
+    inputs = {"input_ids": 1, "attention_mask": 1, "start_positions": 0, "teacher_start_logits": 0, "x": 2}
+    assert set(forward_inputs(Wrapper(student), inputs, labels=True)) == {
+        "input_ids",
+        "attention_mask",
+        "start_positions",
+    }
+    assert set(forward_inputs(student, inputs, labels=False)) == {"input_ids", "attention_mask"}
