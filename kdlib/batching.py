@@ -14,17 +14,42 @@ import numpy as np
 import torch
 
 
+class RaggedArray:
+    """Rows of different lengths stored end to end: `values[offsets[i]:offsets[i + 1]]`.
+
+    Per-token teacher outputs (e.g. hidden states `[tokens, layers, width]`) kept this way cost
+    no padding, which for short sentences is most of a padded array.
+    """
+
+    def __init__(self, values: np.ndarray, offsets: np.ndarray) -> None:
+        if offsets.ndim != 1 or offsets[0] != 0 or offsets[-1] != len(values):
+            raise ValueError("offsets must start at 0 and end at len(values).")
+        self.values, self.offsets = values, offsets
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[np.ndarray]) -> RaggedArray:
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([len(r) for r in rows])
+        return cls(np.concatenate(rows), offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.values[self.offsets[index] : self.offsets[index + 1]]
+
+
 class FeatureDataset(torch.utils.data.Dataset):
     """Rows of named columns; per-token columns are lists (or arrays) of each row's length.
 
-    `extra` holds arrays `[rows, max_length]` (e.g. teacher logits from the cache) cut to each
-    row's length on access.
+    `extra` holds per-row arrays (e.g. teacher logits from the cache), `[rows, max_length, ...]`
+    or a `RaggedArray`, cut to each row's length on access.
     """
 
     def __init__(
         self,
         columns: Mapping[str, Sequence[Any]],
-        extra: Mapping[str, np.ndarray] | None = None,
+        extra: Mapping[str, np.ndarray | RaggedArray] | None = None,
     ) -> None:
         sizes = {name: len(values) for name, values in columns.items()}
         if len(set(sizes.values())) != 1:
@@ -66,7 +91,8 @@ class PadCollator:
                 continue
             width = max(len(v) for v in values)
             arrays = [np.asarray(v) for v in values]
-            padded = np.full((len(rows), width), self.pad_values.get(name, 0), dtype=arrays[0].dtype)
+            shape = (len(rows), width, *arrays[0].shape[1:])  # per-token vectors keep their width
+            padded = np.full(shape, self.pad_values.get(name, 0), dtype=arrays[0].dtype)
             for i, arr in enumerate(arrays):
                 padded[i, : len(arr)] = arr
             batch[name] = torch.from_numpy(padded)

@@ -17,6 +17,8 @@ from kdlib.hub import require_hub
 
 SQUAD_FILE = "squad/dev-v1.1.json"
 SQUAD_HUB_ID = "rajpurkar/squad"
+SST2_FILES = {"train": "sst2/train.tsv", "validation": "sst2/dev.tsv", "test": "sst2/test.tsv"}
+SST2_HUB_ID = "stanfordnlp/sst2"
 
 
 class DataError(ValueError):
@@ -134,3 +136,35 @@ def split_by_article(
         "eval_questions": len(held),
     }
     return train, held, record
+
+
+def load_sst2(split: str = "train", data_dir: str | os.PathLike | None = None) -> list[dict]:
+    """SST-2 sentences with 0/1 labels: `{"sentence", "label"}` in file order.
+
+    The mirror's TSVs (label first, then the text; `validation` is GLUE's dev set, `test` its
+    labelled test set), else the hub's `stanfordnlp/sst2` (whose test split has no labels).
+    """
+    if split not in SST2_FILES:
+        raise DataError(f"split={split!r}: SST-2 has {sorted(SST2_FILES)}.")
+    root = resolve_data_dir(data_dir)
+    if root is None:
+        require_hub(f"the SST-2 {split} split ({SST2_HUB_ID})")
+        import datasets
+
+        rows = datasets.load_dataset(SST2_HUB_ID, split=split)
+        return [{"sentence": r["sentence"], "label": int(r["label"])} for r in rows]
+    path = root / SST2_FILES[split]
+    if not path.is_file():
+        raise DataError(f"{path} does not exist: the data directory lacks {SST2_FILES[split]}.")
+    examples = []
+    lines = path.read_text(encoding="utf-8").split("\n")
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        label, _, sentence = line.partition("\t")
+        if label not in ("0", "1") or not sentence:
+            raise DataError(f"{path}:{number} is not `label<TAB>sentence` with a 0/1 label: {line[:60]!r}")
+        examples.append({"sentence": sentence, "label": int(label)})
+    if not examples:
+        raise DataError(f"{path} holds no examples.")
+    return examples

@@ -50,12 +50,20 @@ class DistillationArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
-        check_range("temperature", self.temperature, low=0.0, low_inclusive=False)
-        check_range("alpha_ce", self.alpha_ce, low=0.0, high=1.0)
-        check_range("alpha_task", self.alpha_task, low=0.0, high=1.0)
-        if self.alpha_ce == 0 and self.alpha_task == 0:
-            raise ConfigError("alpha_ce and alpha_task are both 0: at least one term must count.")
+        self.check_distillation()  # before the Trainer's own set-up: bad values cost nothing
         super().__post_init__()
+
+    def loss_weights(self) -> dict[str, float]:
+        """Each loss term's weight, by the name of its parameter."""
+        return {"alpha_ce": self.alpha_ce, "alpha_task": self.alpha_task}
+
+    def check_distillation(self) -> None:
+        check_range("temperature", self.temperature, low=0.0, low_inclusive=False)
+        weights = self.loss_weights()
+        for name, weight in weights.items():
+            check_range(name, weight, low=0.0, high=1.0)
+        if not any(weights.values()):
+            raise ConfigError(f"{' and '.join(weights)} are all 0: at least one term must count.")
 
 
 class LossNotFiniteError(FloatingPointError):
@@ -162,7 +170,11 @@ class DistillationTrainer(Trainer):
 
     def teacher_logits(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The teacher's logits for this batch: cached in the batch, else computed now."""
-        cached = {k[len(TEACHER_PREFIX) :]: v for k, v in inputs.items() if k.startswith(TEACHER_PREFIX)}
+        cached = {
+            k[len(TEACHER_PREFIX) :]: v
+            for k, v in inputs.items()
+            if k.startswith(TEACHER_PREFIX) and k.endswith("logits")
+        }
         if cached:
             return cached
         if self.teacher is None:

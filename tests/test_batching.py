@@ -32,3 +32,17 @@ def test_mismatched_columns_are_refused():
         FeatureDataset({"input_ids": [[1], [2]], "start_positions": [0]})
     with pytest.raises(ValueError, match="teacher_x"):
         FeatureDataset({"input_ids": [[1], [2]]}, extra={"teacher_x": np.zeros((3, 1))})
+
+
+def test_ragged_rows_pad_with_their_trailing_dimensions():
+    from kdlib.batching import RaggedArray
+
+    rows = [np.ones((3, 2, 4), np.float16), np.full((1, 2, 4), 2, np.float16)]
+    ragged = RaggedArray.from_rows(rows)
+    assert len(ragged) == 2 and ragged[1].shape == (1, 2, 4)
+    ds = FeatureDataset({"input_ids": [[1, 2, 3], [4]]}, extra={"teacher_hidden": ragged})
+    batch = PadCollator(0)([ds[0], ds[1]])
+    assert batch["teacher_hidden"].shape == (2, 3, 2, 4)
+    assert batch["teacher_hidden"][1, 0].eq(2).all() and batch["teacher_hidden"][1, 1:].eq(0).all()
+    with pytest.raises(ValueError, match="offsets"):
+        RaggedArray(np.zeros((3, 1)), np.array([0, 2]))

@@ -91,3 +91,25 @@ def test_hub_fallback_fails_fast_offline(monkeypatch):
     with pytest.raises(HubUnavailableError, match="rajpurkar/squad"):
         load_squad("validation")
     assert time.perf_counter() - started < 5
+
+
+def write_sst2(root, rows=("1\tgood film", "0\tdull , slow")):
+    (root / "sst2").mkdir(parents=True, exist_ok=True)
+    for name in ("train", "dev", "test"):
+        (root / "sst2" / f"{name}.tsv").write_text("label\tsentence\n" + "\n".join(rows) + "\n")
+    return root
+
+
+def test_sst2_reads_label_and_sentence(tmp_path):
+    from kdlib.data import load_sst2
+
+    rows = load_sst2("validation", write_sst2(tmp_path))
+    assert rows == [{"sentence": "good film", "label": 1}, {"sentence": "dull , slow", "label": 0}]
+
+
+def test_sst2_malformed_line_is_named(tmp_path):
+    from kdlib.data import load_sst2
+
+    write_sst2(tmp_path, rows=("1\tgood", "positive\tbad label"))
+    with pytest.raises(DataError, match=r"train.tsv:3 .*0/1 label"):
+        load_sst2("train", tmp_path)

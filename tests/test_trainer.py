@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from conftest import WORDS, make_tokenizer
 
 from kdlib import qa
 from kdlib.batching import FeatureDataset, PadCollator
@@ -15,6 +14,8 @@ from kdlib.trainer import (
     LossNotFiniteError,
     check_same_tokenization,
 )
+
+from conftest import WORDS, make_tokenizer
 
 CONTEXTS = [
     "the eiffel tower was built in 1889 by gustave eiffel in paris france",
@@ -186,7 +187,7 @@ def test_arguments_are_range_checked_by_name(tmp_path, field, value):
 
 
 def test_both_weights_zero_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match="both 0"):
+    with pytest.raises(ConfigError, match="alpha_ce and alpha_task are all 0"):
         args(tmp_path, alpha_ce=0.0, alpha_task=0.0)
 
 
@@ -216,8 +217,9 @@ def test_same_vocabulary_but_different_casing_is_refused(tiny_tokenizer):
 
 
 def test_mismatched_vocab_sizes_are_refused(tmp_path, tiny_tokenizer):
-    from conftest import tiny_bert_config
     from transformers import BertForQuestionAnswering
+
+    from conftest import tiny_bert_config
 
     teacher = BertForQuestionAnswering(tiny_bert_config(vocab_size=50))
     student = BertForQuestionAnswering(tiny_bert_config())

@@ -1,0 +1,146 @@
+"""Intermediate-layer distillation on top of prediction distillation (CoFi / RAIL-KD).
+
+    loss = layer_weight * sum_i MSE(h_t[T_i], W h_s[a(i)])  +  alpha_ce * L_KD  +  alpha_task * L_task
+
+T is the set of teacher layers chosen at this step (fixed, evenly spaced, or drawn at random),
+a(i) the student layer matched to teacher layer T_i (see `kdlib.alignment`), and W a learned
+linear map from the student's width to the teacher's (CoFi's `layer_transformation`). CoFi's
+recipe: layer_weight 0.9, alpha_ce 0.1 with T = 2, no hard-label term.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kdlib.alignment import (
+    MATCHINGS,
+    SELECTIONS,
+    align,
+    aligned_loss,
+    layer_loss_matrix,
+    select_teacher_layers,
+)
+from kdlib.config import ConfigError, check_choice, check_range
+from kdlib.trainer import TEACHER_PREFIX, DistillationArguments, DistillationTrainer, forward_inputs
+
+PROJECTION = "kd_layer_projection"
+HIDDEN_KEY = TEACHER_PREFIX + "hidden_states"
+
+
+@dataclass
+class LayerDistillationArguments(DistillationArguments):
+    """`DistillationArguments` plus the layer loss: which teacher layers, matched how."""
+
+    layer_weight: float = field(default=0.9, metadata={"help": "Weight in [0, 1] of the layer loss."})
+    selection: str = field(default="fixed", metadata={"help": f"Teacher-layer choice: {SELECTIONS}."})
+    teacher_layers: list[int] | None = field(
+        default=None, metadata={"help": "The layers for selection='fixed' (default: evenly spaced)."}
+    )
+    num_teacher_layers: int = field(default=4, metadata={"help": "How many teacher layers per step."})
+    matching: str = field(default="ordered", metadata={"help": f"Student-layer matching: {MATCHINGS}."})
+
+    def loss_weights(self) -> dict[str, float]:
+        return {"layer_weight": self.layer_weight, **super().loss_weights()}
+
+    def check_distillation(self) -> None:
+        super().check_distillation()
+        check_choice("selection", self.selection, SELECTIONS)
+        check_choice("matching", self.matching, MATCHINGS)
+        check_range("num_teacher_layers", self.num_teacher_layers, low=1)
+        if self.teacher_layers is not None and len(self.teacher_layers) != self.num_teacher_layers:
+            raise ConfigError(
+                f"teacher_layers = {self.teacher_layers} lists {len(self.teacher_layers)} layers but "
+                f"num_teacher_layers = {self.num_teacher_layers}."
+            )
+
+
+def add_projection(student: torch.nn.Module, teacher_width: int) -> torch.nn.Linear:
+    """Attach the learned student->teacher width map to the student, so the optimiser trains it."""
+    projection = torch.nn.Linear(student.config.hidden_size, teacher_width)
+    student.add_module(PROJECTION, projection)
+    return projection
+
+
+class LayerDistillationTrainer(DistillationTrainer):
+    """DistillationTrainer plus the layer loss; records each step's layers and alignment.
+
+    `existing_student_layers` (bool per student layer) removes pruned layers from matching.
+    Teacher hidden states come from the batch (`teacher_hidden_states`: `[batch, seq, layers,
+    width]`, one entry per transformer block, embeddings excluded) or from the teacher.
+    """
+
+    def __init__(self, *args: Any, existing_student_layers: torch.Tensor | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, LayerDistillationArguments):
+            raise TypeError("LayerDistillationTrainer needs LayerDistillationArguments as `args`.")
+        if not hasattr(self.model, PROJECTION):
+            raise ValueError(f"the student has no {PROJECTION}: call add_projection(student, teacher_width).")
+        self.existing = existing_student_layers
+        self.generator = torch.Generator().manual_seed(self.args.seed)
+        self.alignment_log: list[dict[str, Any]] = []
+        self._teacher_depth: int | None = None
+
+    def teacher_hidden(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """`[batch, seq, layers, width]` teacher block outputs for this batch."""
+        if HIDDEN_KEY in inputs:
+            return inputs[HIDDEN_KEY]
+        if self.teacher is None:
+            raise ValueError("no teacher_model was given and the batch carries no teacher_hidden_states.")
+        with torch.no_grad():
+            out = self.teacher(
+                **forward_inputs(self.teacher, inputs, labels=False), output_hidden_states=True
+            )
+        return torch.stack(out.hidden_states[1:], dim=2)
+
+    def layer_loss(self, student_outputs: Any, inputs: dict[str, Any]) -> torch.Tensor:
+        args: LayerDistillationArguments = self.args  # type: ignore[assignment]
+        hidden = self.teacher_hidden(inputs)
+        depth = hidden.shape[2]
+        layers = select_teacher_layers(
+            args.selection,
+            depth,
+            args.num_teacher_layers,
+            fixed=args.teacher_layers,
+            generator=self.generator,
+        )
+        model = self.accelerator.unwrap_model(self.model)
+        projection = getattr(model, PROJECTION)
+        student_states = [projection(h) for h in student_outputs.hidden_states[1:]]
+        teacher_states = [hidden[:, :, layer].to(student_states[0].dtype) for layer in layers]
+        matrix = layer_loss_matrix(teacher_states, student_states, inputs.get("attention_mask"))
+        alignment = align(matrix.detach().cpu(), args.matching, self.existing)
+        if self.model.training:
+            self.alignment_log.append(
+                {
+                    "step": self.state.global_step + 1,
+                    "teacher_layers": layers,
+                    "alignment": alignment.tolist(),
+                    "loss_matrix": matrix.detach().cpu().tolist(),
+                }
+            )
+        return aligned_loss(matrix, alignment)
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        args: LayerDistillationArguments = self.args  # type: ignore[assignment]
+        outputs = model(**forward_inputs(model, inputs, labels=True), output_hidden_states=True)
+        zero = torch.zeros((), device=outputs.logits.device)
+        task = outputs.loss if outputs.loss is not None and args.alpha_task > 0 else zero
+        kd = zero
+        if args.alpha_ce > 0:
+            kd = self.distillation_loss(outputs, self.teacher_logits(inputs), inputs)
+        layer = self.layer_loss(outputs, inputs) if args.layer_weight > 0 else zero
+        loss = args.layer_weight * layer + args.alpha_ce * kd + args.alpha_task * task
+        if model.training:
+            terms = {"layer": layer, "kd": kd, "task": task}
+            weights = {"layer": args.layer_weight, "kd": args.alpha_ce, "task": args.alpha_task}
+            self._record(**{k: v for k, v in terms.items() if weights[k] > 0}, total=loss)
+        return (loss, outputs) if return_outputs else loss

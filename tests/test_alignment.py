@@ -1,0 +1,133 @@
+"""Teacher-layer selection and alignment against worked examples (and CoFi's defects fixed)."""
+
+import pytest
+import torch
+
+from kdlib.alignment import (
+    align,
+    aligned_loss,
+    existing_layers,
+    layer_loss_matrix,
+    select_teacher_layers,
+    uniform_layers,
+)
+
+
+def test_uniform_spacing_reproduces_tinybert_choice():
+    assert uniform_layers(12, 4) == [2, 5, 8, 11]
+    assert uniform_layers(24, 4) == [5, 11, 17, 23]
+    assert uniform_layers(6, 3) == [1, 3, 5]
+    assert uniform_layers(12, 12) == list(range(12))
+
+
+def test_fixed_layers_are_checked_against_the_depth():
+    assert select_teacher_layers("fixed", 12, 4) == [2, 5, 8, 11]
+    with pytest.raises(ValueError, match=r"\[12\] do not exist.*0..11"):
+        select_teacher_layers("fixed", 12, 4, fixed=[2, 5, 8, 12])
+    with pytest.raises(ValueError, match="distinct and increasing"):
+        select_teacher_layers("fixed", 12, 2, fixed=[5, 2])
+
+
+def test_random_selection_is_sorted_distinct_and_seeded():
+    draws = []
+    for seed in range(200):
+        g = torch.Generator().manual_seed(seed)
+        layers = select_teacher_layers("random", 12, 4, generator=g)
+        assert layers == sorted(set(layers)) and len(layers) == 4  # CoFi's v5 could unsort
+        assert all(0 <= x < 12 for x in layers)
+        draws.append(tuple(layers))
+    assert min(d[0] for d in draws) < 2  # no hidden reset of the first layer to >= 2
+    again = [
+        tuple(select_teacher_layers("random", 12, 4, generator=torch.Generator().manual_seed(s)))
+        for s in range(200)
+    ]
+    assert again == draws
+
+
+def test_window_selection_takes_one_layer_per_window():
+    seen = [set() for _ in range(4)]
+    for seed in range(300):
+        layers = select_teacher_layers("window", 12, 4, generator=torch.Generator().manual_seed(seed))
+        for i, layer in enumerate(layers):
+            assert 3 * i <= layer < 3 * (i + 1)
+            seen[i].add(layer)
+    assert all(len(s) == 3 for s in seen)  # every layer of every window gets drawn
+    for seed in range(50):  # uneven windows still partition the depth
+        layers = select_teacher_layers("window", 10, 4, generator=torch.Generator().manual_seed(seed))
+        assert layers == sorted(set(layers)) and layers[-1] <= 9
+
+
+@pytest.mark.parametrize("k", [0, 13])
+def test_impossible_counts_are_refused(k):
+    with pytest.raises(ValueError, match=f"cannot choose {k} of 12"):
+        select_teacher_layers("random", 12, k)
+
+
+def test_existing_layers_count_the_ffn_too():
+    heads = torch.tensor([[1, 1], [0, 0], [0, 0], [1, 0]])
+    ffn = torch.tensor([1, 1, 0, 0])
+    assert existing_layers(heads).tolist() == [True, False, False, True]
+    assert existing_layers(heads, ffn).tolist() == [True, True, False, True]  # layer 1 keeps its FFN
+    assert existing_layers(n_layers=3).tolist() == [True, True, True]
+
+
+def test_layer_loss_matrix_worked_example_and_padding():
+    t = [torch.zeros(1, 2, 2), torch.ones(1, 2, 2)]
+    s = [torch.zeros(1, 2, 2), torch.full((1, 2, 2), 2.0), torch.ones(1, 2, 2)]
+    m = layer_loss_matrix(t, s)
+    assert m.tolist() == [[0.0, 4.0, 1.0], [1.0, 1.0, 0.0]]
+    s_pad = [x.clone() for x in s]
+    s_pad[0][0, 1] = 100.0  # garbage at a padding position
+    masked = layer_loss_matrix(t, s_pad, attention_mask=torch.tensor([[1, 0]]))
+    assert masked.tolist() == m.tolist()
+
+
+# Loss matrix used by the worked alignment examples: 3 teacher layers x 4 student layers.
+LOSS = torch.tensor(
+    [
+        [0.1, 0.5, 0.9, 0.2],
+        [0.8, 0.3, 0.2, 0.1],
+        [0.9, 0.8, 0.4, 0.05],
+    ]
+)
+
+
+def test_min_alignment_is_per_row_argmin_and_skips_removed_layers():
+    assert align(LOSS, "min").tolist() == [0, 3, 3]
+    exists = torch.tensor([True, True, True, False])
+    assert align(LOSS, "min", exists).tolist() == [0, 2, 2]
+
+
+def test_ordered_alignment_keeps_order_searching_from_the_top():
+    # top teacher layer takes 3 (0.05); the middle one the best below 3 that leaves room: 2;
+    # the bottom one the best below 2: 0
+    assert align(LOSS, "ordered").tolist() == [0, 2, 3]
+    exists = torch.tensor([True, False, True, True])
+    assert align(LOSS, "ordered", exists).tolist() == [0, 2, 3]
+    exists = torch.tensor([True, True, False, True])
+    assert align(LOSS, "ordered", exists).tolist() == [0, 1, 3]
+
+
+def test_ordered_alignment_never_runs_out_of_layers():
+    # greedy from the top would give the top teacher layer student layer 0 and leave nothing
+    loss = torch.tensor([[0.5, 0.5, 0.5], [0.5, 0.5, 0.5], [0.0, 1.0, 1.0]])
+    assert align(loss, "ordered").tolist() == [0, 1, 2]
+
+
+def test_one_to_one_and_reversed_controls():
+    exists = torch.tensor([True, False, True, True])
+    assert align(LOSS, "one-to-one").tolist() == [0, 1, 2]
+    assert align(LOSS, "one-to-one", exists).tolist() == [0, 2, 3]
+    assert align(LOSS, "reversed").tolist() == [3, 2, 1]
+
+
+def test_matching_that_needs_enough_student_layers_says_so():
+    with pytest.raises(ValueError, match="4 teacher layers, 3 existing student layers"):
+        align(torch.zeros(4, 3), "ordered")
+    assert align(torch.zeros(4, 3), "min").shape == (4,)
+
+
+def test_aligned_loss_is_a_proper_sum():
+    alignment = align(LOSS, "ordered")
+    assert aligned_loss(LOSS, alignment).item() == pytest.approx(0.1 + 0.2 + 0.05)
+    assert aligned_loss(LOSS, torch.tensor([0, 1, 2])).item() == pytest.approx(0.1 + 0.3 + 0.4)
