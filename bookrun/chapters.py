@@ -31,7 +31,11 @@ class Chapter:
 
 
 CHAPTERS: dict[str, Chapter] = {
-    c.key: c for c in (Chapter("ch1", "ch1_distilbert_squad", "kdlib.recipes.squad:SquadDistillationConfig"),)
+    c.key: c
+    for c in (
+        Chapter("ch1", "ch1_distilbert_squad", "kdlib.recipes.squad:SquadDistillationConfig"),
+        Chapter("ch2", "ch2_layer_distillation", "kdlib.recipes.layers:LayerExperimentConfig"),
+    )
 }
 
 

@@ -105,6 +105,30 @@ def _accepted_inputs(model_class: type) -> frozenset[str]:
 LABEL_NAMES = frozenset({"labels", "start_positions", "end_positions"})
 
 
+def check_aligned_tokenization(
+    teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase, texts: list[str]
+) -> None:
+    """Raise ValueError unless both tokenizers cut every text into the same tokens.
+
+    Layer losses compare hidden states position by position: that needs the same word pieces
+    at the same positions, though ids and special-token names may differ (MPNet's `<s>` is
+    BERT's `[CLS]`, its ids are BERT's plus four).
+    """
+    t_special, s_special = set(teacher.all_special_tokens), set(student.all_special_tokens)
+    for text in texts:
+        t_tokens = teacher.convert_ids_to_tokens(teacher(text)["input_ids"])
+        s_tokens = student.convert_ids_to_tokens(student(text)["input_ids"])
+        same = len(t_tokens) == len(s_tokens) and all(
+            (a in t_special) == (b in s_special) and (a in t_special or a == b)
+            for a, b in zip(t_tokens, s_tokens)
+        )
+        if not same:
+            raise ValueError(
+                f"teacher and student tokenise {text[:60]!r} differently ({t_tokens[:10]}... vs "
+                f"{s_tokens[:10]}...): layer distillation needs the same tokens at the same positions."
+            )
+
+
 def forward_inputs(model: torch.nn.Module, inputs: dict[str, Any], *, labels: bool) -> dict[str, Any]:
     """The entries of `inputs` that `model.forward` accepts (labels only if `labels`).
 

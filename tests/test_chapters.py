@@ -152,3 +152,60 @@ def test_teacher_command_saves_a_loadable_stamped_teacher(tmp_path, monkeypatch)
     assert stamp["sha256"] == sha256_file(target / WEIGHTS)
     assert stamp["recipe"]["max_steps"] == 2 and stamp["split"]["eval_articles"] == list(range(38, 48))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".teacher-")]
+
+
+@pytest.fixture(scope="module")
+def ch2_metrics(tmp_path_factory):
+    needs_shared_data()
+    out = tmp_path_factory.mktemp("ch2")
+    result = subprocess.run(
+        [sys.executable, "-m", "bookrun", "run", "ch2", "--profile", "smoke", "--output-dir", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_ch2_runs_every_strategy_and_seed(ch2_metrics):
+    results = ch2_metrics["results"]
+    strategies = ch2_metrics["parameters"]["strategies"]
+    assert strategies == ["kd-only", "fixed-min", "fixed-ordered", "random-ordered"]  # smoke profile
+    for strategy in strategies:
+        accs = [results["runs"][f"{strategy}/seed{s}"]["accuracy"] for s in (0, 1)]
+        summary = results["strategies"][strategy]
+        assert summary["mean"] == pytest.approx(sum(accs) / 2)
+        assert summary["min"] == min(accs) and summary["max"] == max(accs)
+        assert all(0 <= a <= 100 for a in accs)
+    assert 0 <= results["teacher"]["accuracy"] <= 100
+    assert "fixed-ordered/seed0/cofi-weights" in results["runs"]
+
+
+def test_ch2_alignments_respect_the_strategy(ch2_metrics):
+    alignments = ch2_metrics["results"]["alignments"]
+    fixed = alignments["fixed-min/seed0"]
+    pairs = fixed["pairs"]
+    used_rows = [t for t, row in enumerate(pairs) if sum(row) > 0]
+    assert used_rows == [2, 5, 8, 11]  # only the fixed teacher layers are distilled
+    assert len(fixed["last_matrix"]) == 4 and len(fixed["last_matrix"][0]) == 6
+    assert sum(map(sum, alignments["kd-only/seed0"]["pairs"])) == 0  # no layer loss at all
+    removed = alignments["fixed-ordered/seed0/removed"]["pairs"]
+    assert all(row[1] == 0 and row[3] == 0 for row in removed)  # removed layers never matched
+    assert sorted(
+        {a for step in alignments["fixed-ordered/seed0/removed"]["per_step"] for a in step["alignment"]}
+    ) == [
+        0,
+        2,
+        4,
+        5,
+    ]  # ordered matching of four teacher layers onto the four remaining student layers
+
+
+def test_ch2_logs_layer_and_kd_terms(ch2_metrics):
+    curves = ch2_metrics["results"]["curves"]
+    layered = [h for h in curves["fixed-min/seed0"] if "loss" in h]
+    assert layered and all("loss_layer" in h and "loss_kd" in h for h in layered)
+    assert all("loss_layer" not in h for h in curves["kd-only/seed0"] if "loss" in h)
+    cache = ch2_metrics["cache"]
+    assert ch2_metrics["teacher_cache_mb"] > 0 and cache["hits"] + cache["misses"] == 1  # one lookup

@@ -68,3 +68,25 @@ def test_from_namespace_takes_exactly_the_fields():
     del namespace["stride"]
     with pytest.raises(ConfigError, match="stride"):
         from_namespace(SquadDistillationConfig, namespace)
+
+
+@pytest.mark.parametrize(
+    "values, culprit",
+    [
+        ({"strategies": ["fixed-min", "best"]}, "strategies"),
+        ({"strategies": []}, "strategies"),
+        ({"strategies": ["kd-only", "kd-only"]}, "twice"),
+        ({"teacher_layers": [5, 2]}, "teacher_layers"),
+        ({"teacher_layers": [-1, 2]}, "teacher_layers"),
+        ({"layer_weight": 1.1}, "layer_weight"),
+        ({"alpha_ce": -0.1}, "alpha_ce"),
+        ({"train_seeds": []}, "train_seeds"),
+        ({"removed_layers": [-2]}, "removed_layers"),
+        ({"batch_size": 0}, "batch_size"),
+    ],
+)
+def test_layer_config_names_the_bad_value(values, culprit):
+    from kdlib.recipes.layers import LayerExperimentConfig
+
+    with pytest.raises(ConfigError, match=culprit):
+        from_mapping(LayerExperimentConfig, values)

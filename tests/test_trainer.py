@@ -271,3 +271,13 @@ def test_forward_inputs_sees_through_ddp_style_wrappers(tiny_qa_pair):
         "start_positions",
     }
     assert set(forward_inputs(student, inputs, labels=False)) == {"input_ids", "attention_mask"}
+
+
+def test_aligned_tokenization_allows_other_ids_but_not_other_pieces(tiny_tokenizer):
+    from kdlib.trainer import check_aligned_tokenization
+
+    shifted = make_tokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "zzz"] + WORDS[5:])  # other ids
+    check_aligned_tokenization(tiny_tokenizer, shifted, ["the tower was built in paris"])
+    other = make_tokenizer([w for w in WORDS if w != "tower"])
+    with pytest.raises(ValueError, match="tokenise 'the tower"):
+        check_aligned_tokenization(tiny_tokenizer, other, ["the tower was built"])

@@ -1,0 +1,431 @@
+"""Chapter 2's experiment: which teacher layers to distil, matched to which student layers.
+
+A 12-layer teacher is fine-tuned on SST-2 once; its hidden states (every layer) and logits on
+the student's training sentences are computed once and cached; then each strategy trains a
+fresh student per seed from those cached outputs: prediction distillation only, CoFi's fixed
+layers [2, 5, 8, 11] with least-loss (version 3) or ordered (version 4) matching, RAIL-KD's
+random layers (version 5), one random layer per window (version 6), and a reversed control.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PrinterCallback
+
+from kdlib.batching import FeatureDataset, PadCollator, RaggedArray
+from kdlib.cache import TeacherOutputCache, cache_key, model_fingerprint, sequences_fingerprint
+from kdlib.config import ConfigError, check_choice, check_range
+from kdlib.data import load_sst2
+from kdlib.layer_distillation import LayerDistillationArguments, LayerDistillationTrainer, add_projection
+from kdlib.recipes.squad import quiet_transformers
+from kdlib.registry import resolve_model
+from kdlib.report import RunRecord
+from kdlib.trainer import DistillationArguments, DistillationTrainer, check_aligned_tokenization
+
+STRATEGIES: dict[str, tuple[str, str] | None] = {
+    "kd-only": None,  # prediction distillation alone
+    "fixed-min": ("fixed", "min"),  # CoFi version 3
+    "fixed-ordered": ("fixed", "ordered"),  # CoFi version 4
+    "random-ordered": ("random", "ordered"),  # CoFi version 5 = RAIL-KD's random layers
+    "window-ordered": ("window", "ordered"),  # CoFi version 6
+    "fixed-reversed": ("fixed", "reversed"),  # control: low teacher layers into high student layers
+}
+"""Strategy name -> (teacher-layer selection, matching); None: no layer loss."""
+
+
+@dataclass
+class LayerExperimentConfig:
+    """Every parameter of chapter 2; the chapter's parameters cell lists the same names."""
+
+    profile: str = "default"
+    teacher: str = "mpnet-12"
+    teacher_steps: int = 40
+    teacher_batch_size: int = 32
+    teacher_learning_rate: float = 5e-5
+    student: str = "minilm-l6"
+    data_dir: str = ""
+    train_examples: int = 1920
+    eval_examples: int = 0
+    max_length: int = 64
+    strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
+    teacher_layers: list[int] = field(default_factory=lambda: [2, 5, 8, 11])
+    layer_weight: float = 0.1
+    alpha_ce: float = 0.9
+    temperature: float = 2.0
+    cofi_weight_seeds: list[int] = field(default_factory=lambda: [0])
+    learning_rate: float = 1e-4
+    batch_size: int = 32
+    epochs: float = 1.0
+    train_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    removed_layers: list[int] = field(default_factory=lambda: [1, 3])
+    seed: int = 0
+    output_dir: str = "outputs/ch2"
+
+    def __post_init__(self) -> None:
+        check_choice("profile", self.profile, ("smoke", "default", "paper"))
+        for name in ("teacher_steps", "eval_examples"):
+            check_range(name, getattr(self, name), low=0)
+        for name in ("teacher_batch_size", "train_examples", "batch_size"):
+            check_range(name, getattr(self, name), low=1)
+        check_range("max_length", self.max_length, low=8, high=4096)
+        for name in ("teacher_learning_rate", "learning_rate"):
+            check_range(name, getattr(self, name), low=0.0, high=1.0, low_inclusive=False)
+        check_range("temperature", self.temperature, low=0.0, low_inclusive=False)
+        check_range("layer_weight", self.layer_weight, low=0.0, high=1.0)
+        check_range("alpha_ce", self.alpha_ce, low=0.0, high=1.0)
+        check_range("epochs", self.epochs, low=0.0, low_inclusive=False)
+        if not self.strategies:
+            raise ConfigError("strategies is empty: choose some of " + ", ".join(STRATEGIES) + ".")
+        for name in self.strategies:
+            check_choice("strategies[i]", name, STRATEGIES)
+        if len(set(self.strategies)) != len(self.strategies):
+            raise ConfigError(f"strategies = {self.strategies} lists a strategy twice.")
+        if not self.teacher_layers or sorted(set(self.teacher_layers)) != self.teacher_layers:
+            raise ConfigError(f"teacher_layers = {self.teacher_layers} must be distinct and increasing.")
+        if min(self.teacher_layers) < 0:
+            raise ConfigError(f"teacher_layers = {self.teacher_layers}: layer indices start at 0.")
+        if not self.train_seeds or len(set(self.train_seeds)) != len(self.train_seeds):
+            raise ConfigError(f"train_seeds = {self.train_seeds} must be a non-empty list of distinct seeds.")
+        for seed in self.cofi_weight_seeds:
+            check_range("cofi_weight_seeds[i]", seed, low=0)
+        if self.removed_layers and min(self.removed_layers) < 0:
+            raise ConfigError(f"removed_layers = {self.removed_layers}: layer indices start at 0.")
+
+
+def load_classifier(name: str, num_labels: int = 2) -> tuple[torch.nn.Module, Any]:
+    path = resolve_model(name)
+    with quiet_transformers():
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def encode(tokenizer: Any, examples: Sequence[dict], max_length: int) -> dict[str, list]:
+    enc = tokenizer([ex["sentence"] for ex in examples], truncation=True, max_length=max_length)
+    columns = {k: list(v) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+    columns["labels"] = [ex["label"] for ex in examples]
+    return columns
+
+
+@torch.inference_mode()
+def forward_all(
+    model: torch.nn.Module, columns: dict[str, list], pad_token_id: int, hidden: bool, batch_size: int = 64
+) -> dict[str, Any]:
+    """Logits (and, if `hidden`, every block's hidden states as fp16 ragged rows) per example."""
+    model.eval()
+    lengths = [len(ids) for ids in columns["input_ids"]]
+    order = np.argsort(lengths, kind="stable")
+    collate = PadCollator(pad_token_id)
+    logits: list[np.ndarray | None] = [None] * len(lengths)
+    states: list[np.ndarray | None] = [None] * len(lengths)
+    for begin in range(0, len(order), batch_size):
+        rows = order[begin : begin + batch_size]
+        batch = collate(
+            [
+                {"input_ids": columns["input_ids"][i], "attention_mask": columns["attention_mask"][i]}
+                for i in rows
+            ]
+        )
+        out = model(**batch, output_hidden_states=hidden)
+        for j, i in enumerate(rows):
+            logits[i] = out.logits[j].float().numpy()
+            if hidden:
+                stacked = torch.stack([h[j, : lengths[i]] for h in out.hidden_states[1:]], dim=1)
+                states[i] = stacked.to(torch.float16).numpy()  # [seq, layers, width]
+    result: dict[str, Any] = {"logits": np.stack(logits)}
+    if hidden:
+        result["hidden"] = RaggedArray.from_rows(states)
+    return result
+
+
+def accuracy(model: torch.nn.Module, columns: dict[str, list], pad_token_id: int) -> float:
+    predicted = forward_all(model, columns, pad_token_id, hidden=False)["logits"].argmax(-1)
+    return float(100.0 * np.mean(predicted == np.asarray(columns["labels"])))
+
+
+def reference_numbers() -> dict[str, Any]:
+    return {
+        "citation": "xia2022cofi",
+        "claim": "CoFi distils teacher layers [2, 5, 8, 11], each matched to its least-loss student layer",
+        "replication": {
+            "citation": "haidar2022railkd",
+            "claim": "drawing the teacher layers at random every step 'always leads to satisfying results' "
+            "(a CoFi user, following RAIL-KD)",
+        },
+    }
+
+
+@dataclass
+class StrategyRun:
+    name: str
+    accuracy: float
+    seconds: float
+    alignment_log: list[dict[str, Any]]
+
+
+class LayerExperiment:
+    """Chapter 2 as a few calls: fine-tune the teacher, cache its outputs, train each strategy."""
+
+    def __init__(self, cfg: LayerExperimentConfig, cache: TeacherOutputCache | None = None) -> None:
+        self.cfg = cfg
+        self.record = RunRecord("ch2", cfg.profile, asdict(cfg))
+        self.record["reference"] = reference_numbers()
+        self.cache = cache or TeacherOutputCache()
+        self.timings: dict[str, float] = {}
+        rng = random.Random(cfg.seed)
+        train = load_sst2("train", cfg.data_dir or None)
+        dev = load_sst2("validation", cfg.data_dir or None)
+        if cfg.eval_examples:
+            dev = rng.sample(dev, min(cfg.eval_examples, len(dev)))
+        need = cfg.train_examples + cfg.teacher_steps * cfg.teacher_batch_size
+        if need > len(train):
+            raise ConfigError(
+                f"train_examples + teacher_steps * teacher_batch_size = {need} exceeds the {len(train)} "
+                "SST-2 training sentences."
+            )
+        picked = rng.sample(range(len(train)), need)
+        self.student_train = [train[i] for i in picked[: cfg.train_examples]]
+        self.teacher_train = [train[i] for i in picked[cfg.train_examples :]]
+        self.dev = dev
+
+        transformers.set_seed(cfg.seed)  # the teacher's new classification head
+        self.teacher, self.teacher_tokenizer = load_classifier(cfg.teacher)
+        _, self.tokenizer = load_classifier(cfg.student)
+        check_aligned_tokenization(
+            self.teacher_tokenizer,
+            self.tokenizer,
+            [ex["sentence"] for ex in self.student_train[:200] + dev[:200]],
+        )
+        self.teacher_depth = self.teacher.config.num_hidden_layers
+        bad = [layer for layer in cfg.teacher_layers if layer >= self.teacher_depth]
+        if bad:
+            raise ConfigError(
+                f"teacher_layers {bad} do not exist: the teacher has layers 0..{self.teacher_depth - 1}."
+            )
+        self.student_depth = AutoModelForSequenceClassification.from_config(
+            transformers.AutoConfig.from_pretrained(resolve_model(cfg.student))
+        ).config.num_hidden_layers
+        too_deep = [layer for layer in cfg.removed_layers if layer >= self.student_depth]
+        if too_deep:
+            raise ConfigError(
+                f"removed_layers {too_deep} do not exist: the student has layers 0..{self.student_depth - 1}."
+            )
+        if self.student_depth - len(cfg.removed_layers) < len(cfg.teacher_layers):
+            raise ConfigError(
+                f"{len(cfg.teacher_layers)} teacher layers need at least as many student layers for "
+                f"ordered matching; the student has {self.student_depth}, {len(cfg.removed_layers)} of them "
+                "marked removed (removed_layers)."
+            )
+        self.record["data"] = {
+            "teacher_train_examples": len(self.teacher_train),
+            "student_train_examples": len(self.student_train),
+            "eval_examples": len(dev),
+            "eval_split": "SST-2 validation (GLUE dev)",
+        }
+        self.columns = encode(self.tokenizer, self.student_train, cfg.max_length)
+        self.dev_columns = encode(self.tokenizer, dev, cfg.max_length)
+        self.runs: dict[str, StrategyRun] = {}
+
+    # --- the teacher -------------------------------------------------------------------
+
+    def fine_tune_teacher(self) -> float:
+        """Fine-tune the teacher on its own SST-2 sample (skipped when teacher_steps is 0)."""
+        cfg = self.cfg
+        started = time.perf_counter()
+        if cfg.teacher_steps:
+            columns = encode(self.teacher_tokenizer, self.teacher_train, cfg.max_length)
+            args = DistillationArguments(
+                output_dir=str(Path(cfg.output_dir) / "runs" / "teacher"),
+                per_device_train_batch_size=cfg.teacher_batch_size,
+                learning_rate=cfg.teacher_learning_rate,
+                max_steps=cfg.teacher_steps,
+                warmup_steps=0.1,
+                weight_decay=0.01,
+                logging_steps=max(1, cfg.teacher_steps // 10),
+                save_strategy="no",
+                seed=cfg.seed,
+                alpha_ce=0.0,
+                alpha_task=1.0,
+                train_sampling_strategy="group_by_length",
+                dataloader_pin_memory=torch.cuda.is_available(),
+                disable_tqdm=True,
+                report_to="none",
+            )
+            trainer = DistillationTrainer(
+                model=self.teacher,
+                args=args,
+                train_dataset=FeatureDataset(columns),
+                data_collator=PadCollator(self.teacher_tokenizer.pad_token_id),
+            )
+            trainer.remove_callback(PrinterCallback)
+            trainer.train()
+            self.record["results"]["teacher_curve"] = trainer.state.log_history
+        self.teacher.eval()
+        teacher_dev = encode(self.teacher_tokenizer, self.dev, cfg.max_length)
+        acc = accuracy(self.teacher, teacher_dev, self.teacher_tokenizer.pad_token_id)
+        self.record["results"]["teacher"] = {"accuracy": acc, "examples": len(self.dev)}
+        self.timings["teacher_fine_tune_s"] = time.perf_counter() - started
+        return acc
+
+    def teacher_outputs(self) -> dict[str, Any]:
+        """Every block's hidden states and the logits on the student's sentences, cached."""
+        started = time.perf_counter()
+        columns = encode(self.teacher_tokenizer, self.student_train, self.cfg.max_length)
+        key = cache_key(
+            kind="sequence-classification-hidden",
+            teacher=model_fingerprint(self.teacher),
+            inputs=sequences_fingerprint(columns["input_ids"]),
+        )
+
+        def compute() -> dict[str, np.ndarray]:
+            out = forward_all(self.teacher, columns, self.teacher_tokenizer.pad_token_id, hidden=True)
+            return {"logits": out["logits"], "hidden": out["hidden"].values, "offsets": out["hidden"].offsets}
+
+        stored = self.cache.get_or_compute(key, compute)
+        self.teacher_cached = {
+            "teacher_logits": list(stored["logits"]),
+            "teacher_hidden_states": RaggedArray(stored["hidden"], stored["offsets"]),
+        }
+        self.timings["teacher_outputs_s"] = time.perf_counter() - started
+        self.record["teacher_cache_mb"] = round(stored["hidden"].nbytes / 2**20, 1)
+        return self.teacher_cached
+
+    # --- the students --------------------------------------------------------------------
+
+    def train(
+        self,
+        strategy: str,
+        seed: int,
+        existing: torch.Tensor | None = None,
+        weights: tuple[float, float] | None = None,
+        tag: str = "",
+    ) -> StrategyRun:
+        """Train a fresh student with `strategy`; its dev accuracy and alignment log are kept.
+
+        `weights` = (layer_weight, alpha_ce) overrides the configured pair; `tag` names the
+        variant in the results (`fixed-ordered/seed0/cofi-weights`).
+        """
+        cfg = self.cfg
+        layer_weight, alpha_ce = weights or (cfg.layer_weight, cfg.alpha_ce)
+        choice = STRATEGIES[strategy]
+        transformers.set_seed(seed)
+        student, tokenizer = load_classifier(cfg.student)
+        add_projection(student, self.teacher.config.hidden_size)
+        selection, matching = choice or ("fixed", "ordered")
+        args = LayerDistillationArguments(
+            output_dir=str(Path(cfg.output_dir) / "runs" / f"{strategy}-seed{seed}"),
+            per_device_train_batch_size=cfg.batch_size,
+            learning_rate=cfg.learning_rate,
+            num_train_epochs=cfg.epochs,
+            warmup_steps=0.1,
+            weight_decay=0.01,
+            logging_steps=max(1, min(5, int(len(self.student_train) / cfg.batch_size * cfg.epochs) // 5)),
+            save_strategy="no",
+            seed=seed,
+            temperature=cfg.temperature,
+            alpha_ce=alpha_ce,
+            alpha_task=0.0,
+            layer_weight=layer_weight if choice else 0.0,
+            selection=selection,
+            teacher_layers=cfg.teacher_layers if selection == "fixed" else None,
+            num_teacher_layers=len(cfg.teacher_layers),
+            matching=matching,
+            train_sampling_strategy="group_by_length",
+            dataloader_pin_memory=torch.cuda.is_available(),
+            disable_tqdm=True,
+            report_to="none",
+        )
+        columns = dict(self.columns, teacher_logits=self.teacher_cached["teacher_logits"])
+        dataset = FeatureDataset(
+            columns, extra={"teacher_hidden_states": self.teacher_cached["teacher_hidden_states"]}
+        )
+        trainer = LayerDistillationTrainer(
+            model=student,
+            args=args,
+            train_dataset=dataset,
+            data_collator=PadCollator(tokenizer.pad_token_id),
+            existing_student_layers=existing,
+        )
+        trainer.remove_callback(PrinterCallback)
+        started = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - started
+        acc = accuracy(student, self.dev_columns, tokenizer.pad_token_id)
+        name = f"{strategy}/seed{seed}" + (f"/{tag}" if tag else "")
+        run = StrategyRun(name, acc, seconds, trainer.alignment_log)
+        self.runs[name] = run
+        results = self.record["results"]
+        results.setdefault("runs", {})[name] = {"accuracy": acc, "seconds": round(seconds, 1)}
+        results.setdefault("curves", {})[name] = trainer.state.log_history
+        results.setdefault("alignments", {})[name] = summarise_alignment(
+            trainer.alignment_log, self.teacher_depth, self.student_depth
+        )
+        return run
+
+    def existing_mask(self) -> torch.Tensor:
+        """The student layers left after removing `removed_layers` (as a pruning mask would)."""
+        exists = torch.ones(self.student_depth, dtype=torch.bool)
+        exists[list(self.cfg.removed_layers)] = False
+        return exists
+
+    def summarize(self) -> dict[str, Any]:
+        """Mean ± std of dev accuracy per strategy over the seeds."""
+        results = self.record["results"]
+        table = {}
+        for strategy in self.cfg.strategies:
+            values = np.array(
+                [results["runs"][f"{strategy}/seed{s}"]["accuracy"] for s in self.cfg.train_seeds]
+            )
+            table[strategy] = {
+                "mean": float(values.mean()),
+                "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+                "min": float(values.min()),
+                "max": float(values.max()),
+                "seeds": list(self.cfg.train_seeds),
+            }
+        results["strategies"] = table
+        return table
+
+    def write(self) -> Path:
+        self.record["timings"] = {k: round(v, 1) for k, v in self.timings.items()}
+        self.record["cache"] = {"hits": self.cache.hits, "misses": self.cache.misses}
+        out = Path(self.cfg.output_dir)
+        return self.record.write(out / "metrics.json")
+
+
+def summarise_alignment(log: list[dict[str, Any]], teacher_depth: int, student_depth: int) -> dict[str, Any]:
+    """How often each (teacher layer, student layer) pair was distilled, and the last steps' view.
+
+    `pairs[t][s]` counts steps where teacher layer t was matched to student layer s;
+    `last_matrix` is the mean layer-loss matrix over the last 10 logged steps with the same
+    teacher layers as the final step (the fixed strategies: every step), and `last_alignment`
+    the final step's matching; `per_step` keeps every step's alignment (for plots of how it moves).
+    """
+    pairs = np.zeros((teacher_depth, student_depth), dtype=int)
+    for entry in log:
+        for t, s in zip(entry["teacher_layers"], entry["alignment"]):
+            pairs[t, s] += 1
+    if not log:
+        return {"pairs": pairs.tolist()}
+    last = log[-1]
+    same = [e for e in log if e["teacher_layers"] == last["teacher_layers"]][-10:]
+    return {
+        "pairs": pairs.tolist(),
+        "last_teacher_layers": last["teacher_layers"],
+        "last_alignment": last["alignment"],
+        "last_matrix": np.mean([e["loss_matrix"] for e in same], axis=0).tolist(),
+        "per_step": [
+            {"step": e["step"], "layers": e["teacher_layers"], "alignment": e["alignment"]} for e in log
+        ],
+    }
