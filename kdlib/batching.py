@@ -7,7 +7,7 @@ teacher logits are padded the same way and masked out by the loss.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -97,3 +97,23 @@ class PadCollator:
                 padded[i, : len(arr)] = arr
             batch[name] = torch.from_numpy(padded)
         return batch
+
+
+def inference_batches(
+    model: torch.nn.Module, columns: Mapping[str, Sequence[Any]], pad_token_id: int, batch_size: int
+) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+    """(row indices, padded batch) for a forward pass over every row, shortest rows first.
+
+    Rows of similar length share a batch, so little is spent on padding; each batch holds only
+    what `model.forward` accepts, on the model's device.
+    """
+    from kdlib.trainer import forward_inputs
+
+    device = next(model.parameters()).device
+    lengths = [len(ids) for ids in columns["input_ids"]]
+    order = np.argsort(lengths, kind="stable")
+    collate = PadCollator(pad_token_id)
+    for begin in range(0, len(order), batch_size):
+        rows = order[begin : begin + batch_size]
+        batch = collate([{k: v[i] for k, v in columns.items()} for i in rows])
+        yield rows, {k: v.to(device) for k, v in forward_inputs(model, batch, labels=False).items()}

@@ -10,6 +10,7 @@ registry name nor an existing folder is taken as a hub id and needs the hub (`re
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -18,9 +19,10 @@ import os
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kdlib.hub import require_hub
 
@@ -308,3 +310,32 @@ def _materialise(spec: ModelSpec) -> Path:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return target
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load reports and bars (a fresh task head is expected, not news)."""
+    import transformers
+
+    level = transformers.logging.get_verbosity()
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(level)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+
+
+def load_pretrained(name: str, auto_class: Any, **kwargs: Any) -> tuple[Any, Any]:
+    """(model, tokenizer) for a registry name, folder or hub id, loaded in float32 by `auto_class`."""
+    import torch
+    from transformers import AutoTokenizer
+
+    path = resolve_model(name)
+    with quiet_transformers():
+        model = auto_class.from_pretrained(path, dtype=torch.float32, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer

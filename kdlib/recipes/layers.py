@@ -19,15 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 import transformers
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PrinterCallback
+from transformers import AutoModelForSequenceClassification, PrinterCallback
 
-from kdlib.batching import FeatureDataset, PadCollator, RaggedArray
+from kdlib.batching import FeatureDataset, PadCollator, RaggedArray, inference_batches
 from kdlib.cache import TeacherOutputCache, cache_key, model_fingerprint, sequences_fingerprint
 from kdlib.config import ConfigError, check_choice, check_range
 from kdlib.data import load_sst2
 from kdlib.layer_distillation import LayerDistillationArguments, LayerDistillationTrainer, add_projection
-from kdlib.recipes.squad import quiet_transformers
-from kdlib.registry import resolve_model
+from kdlib.registry import load_pretrained, resolve_model
 from kdlib.report import RunRecord
 from kdlib.trainer import DistillationArguments, DistillationTrainer, check_aligned_tokenization
 
@@ -102,13 +101,7 @@ class LayerExperimentConfig:
 
 
 def load_classifier(name: str, num_labels: int = 2) -> tuple[torch.nn.Module, Any]:
-    path = resolve_model(name)
-    with quiet_transformers():
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, dtype=torch.float32
-        )
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer
+    return load_pretrained(name, AutoModelForSequenceClassification, num_labels=num_labels)
 
 
 def encode(tokenizer: Any, examples: Sequence[dict], max_length: int) -> dict[str, list]:
@@ -125,24 +118,16 @@ def forward_all(
     """Logits (and, if `hidden`, every block's hidden states as fp16 ragged rows) per example."""
     model.eval()
     lengths = [len(ids) for ids in columns["input_ids"]]
-    order = np.argsort(lengths, kind="stable")
-    collate = PadCollator(pad_token_id)
     logits: list[np.ndarray | None] = [None] * len(lengths)
     states: list[np.ndarray | None] = [None] * len(lengths)
-    for begin in range(0, len(order), batch_size):
-        rows = order[begin : begin + batch_size]
-        batch = collate(
-            [
-                {"input_ids": columns["input_ids"][i], "attention_mask": columns["attention_mask"][i]}
-                for i in rows
-            ]
-        )
+    inputs = {k: columns[k] for k in ("input_ids", "attention_mask")}
+    for rows, batch in inference_batches(model, inputs, pad_token_id, batch_size):
         out = model(**batch, output_hidden_states=hidden)
         for j, i in enumerate(rows):
-            logits[i] = out.logits[j].float().numpy()
+            logits[i] = out.logits[j].float().cpu().numpy()
             if hidden:
                 stacked = torch.stack([h[j, : lengths[i]] for h in out.hidden_states[1:]], dim=1)
-                states[i] = stacked.to(torch.float16).numpy()  # [seq, layers, width]
+                states[i] = stacked.to(torch.float16).cpu().numpy()  # [seq, layers, width]
     result: dict[str, Any] = {"logits": np.stack(logits)}
     if hidden:
         result["hidden"] = RaggedArray.from_rows(states)
@@ -213,9 +198,9 @@ class LayerExperiment:
             raise ConfigError(
                 f"teacher_layers {bad} do not exist: the teacher has layers 0..{self.teacher_depth - 1}."
             )
-        self.student_depth = AutoModelForSequenceClassification.from_config(
-            transformers.AutoConfig.from_pretrained(resolve_model(cfg.student))
-        ).config.num_hidden_layers
+        self.student_depth = transformers.AutoConfig.from_pretrained(
+            resolve_model(cfg.student)
+        ).num_hidden_layers
         too_deep = [layer for layer in cfg.removed_layers if layer >= self.student_depth]
         if too_deep:
             raise ConfigError(

@@ -9,11 +9,10 @@ run costs.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,17 +23,16 @@ import transformers
 from transformers import AutoModelForQuestionAnswering, AutoTokenizer, EvalPrediction, PrinterCallback
 
 from kdlib import qa
-from kdlib.batching import FeatureDataset, PadCollator
+from kdlib.batching import FeatureDataset, PadCollator, inference_batches
 from kdlib.cache import TeacherOutputCache, cache_key, model_fingerprint, sequences_fingerprint
 from kdlib.config import ConfigError, check_choice, check_range
 from kdlib.data import load_squad, split_by_article
-from kdlib.registry import resolve_model
+from kdlib.registry import load_pretrained, quiet_transformers, resolve_model
 from kdlib.report import RunRecord, write_json_atomic
 from kdlib.trainer import (
     DistillationArguments,
     DistillationTrainer,
     check_same_tokenization,
-    forward_inputs,
 )
 
 SPLITS = ("dev-by-article", "official")
@@ -103,28 +101,9 @@ class SquadDistillationConfig:
             raise ConfigError("output_dir is empty: name a folder for metrics.json.")
 
 
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' load reports and bars (a fresh QA head is expected, not news)."""
-    level = transformers.logging.get_verbosity()
-    bars = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        transformers.logging.set_verbosity(level)
-        if bars:
-            transformers.utils.logging.enable_progress_bar()
-
-
 def load_qa_model(name: str) -> tuple[torch.nn.Module, Any]:
-    """(model, tokenizer) for a registry name, folder or hub id, as float32 QA model."""
-    path = resolve_model(name)
-    with quiet_transformers():
-        model = AutoModelForQuestionAnswering.from_pretrained(path, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer
+    """(model, tokenizer) for a registry name, folder or hub id, as a float32 QA model."""
+    return load_pretrained(name, AutoModelForQuestionAnswering)
 
 
 @dataclass
@@ -199,16 +178,11 @@ def span_logits(
 ) -> dict[str, np.ndarray]:
     """Start and end logits `[windows, max_len]` (padding: 0), batched by similar length."""
     model.eval()
-    device = next(model.parameters()).device
     lengths = windows.lengths()
-    order = np.argsort(lengths, kind="stable")
-    width = max(lengths)
-    out = {k: np.zeros((len(windows), width), dtype=np.float32) for k in ("start_logits", "end_logits")}
-    collate = PadCollator(pad_token_id)
-    for begin in range(0, len(order), batch_size):
-        rows = order[begin : begin + batch_size]
-        batch = collate([{k: windows.features[k][i] for k in windows.features} for i in rows])
-        batch = {k: v.to(device) for k, v in forward_inputs(model, batch, labels=False).items()}
+    out = {
+        k: np.zeros((len(windows), max(lengths)), dtype=np.float32) for k in ("start_logits", "end_logits")
+    }
+    for rows, batch in inference_batches(model, windows.features, pad_token_id, batch_size):
         outputs = model(**batch)
         for key in out:
             logits = outputs[key].float().cpu().numpy()
