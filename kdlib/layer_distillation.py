@@ -32,9 +32,20 @@ HIDDEN_KEY = TEACHER_PREFIX + "hidden_states"
 
 @dataclass
 class LayerDistillationArguments(DistillationArguments):
-    """`DistillationArguments` plus the layer loss: which teacher layers, matched how."""
+    """`DistillationArguments` plus the layer loss: which teacher layers, matched how.
+
+    The defaults are CoFi's recipe: layer loss 0.9, prediction distillation 0.1 at T = 2, no
+    hard-label term, teacher layers evenly spaced (TinyBERT's [2, 5, 8, 11] for 12), ordered
+    matching.
+    """
 
     layer_weight: float = field(default=0.9, metadata={"help": "Weight in [0, 1] of the layer loss."})
+    alpha_ce: float = field(
+        default=0.1, metadata={"help": "Weight in [0, 1] of prediction distillation (CoFi: 0.1)."}
+    )
+    alpha_task: float = field(
+        default=0.0, metadata={"help": "Weight in [0, 1] of the hard-label loss (CoFi: none)."}
+    )
     selection: str = field(default="fixed", metadata={"help": f"Teacher-layer choice: {SELECTIONS}."})
     teacher_layers: list[int] | None = field(
         default=None, metadata={"help": "The layers for selection='fixed' (default: evenly spaced)."}

@@ -198,3 +198,9 @@ def test_student_without_projection_is_refused(tmp_path):
         LayerDistillationTrainer(
             model=student, teacher_model=teacher, args=args(tmp_path), train_dataset=FeatureDataset(rows())
         )
+
+
+def test_defaults_are_cofis_recipe(tmp_path):
+    a = LayerDistillationArguments(output_dir=str(tmp_path), report_to="none")
+    assert (a.layer_weight, a.alpha_ce, a.alpha_task, a.temperature) == (0.9, 0.1, 0.0, 2.0)
+    assert (a.selection, a.num_teacher_layers, a.matching) == ("fixed", 4, "ordered")
