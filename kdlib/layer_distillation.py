@@ -134,24 +134,11 @@ class LayerDistillationTrainer(DistillationTrainer):
             )
         return aligned_loss(matrix, alignment)
 
-    def compute_loss(
-        self,
-        model: torch.nn.Module,
-        inputs: dict[str, Any],
-        return_outputs: bool = False,
-        num_items_in_batch: torch.Tensor | int | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        args: LayerDistillationArguments = self.args  # type: ignore[assignment]
-        outputs = model(**forward_inputs(model, inputs, labels=True), output_hidden_states=True)
-        zero = torch.zeros((), device=outputs.logits.device)
-        task = outputs.loss if outputs.loss is not None and args.alpha_task > 0 else zero
-        kd = zero
-        if args.alpha_ce > 0:
-            kd = self.distillation_loss(outputs, self.teacher_logits(inputs), inputs)
-        layer = self.layer_loss(outputs, inputs) if args.layer_weight > 0 else zero
-        loss = args.layer_weight * layer + args.alpha_ce * kd + args.alpha_task * task
-        if model.training:
-            terms = {"layer": layer, "kd": kd, "task": task}
-            weights = {"layer": args.layer_weight, "kd": args.alpha_ce, "task": args.alpha_task}
-            self._record(**{k: v for k, v in terms.items() if weights[k] > 0}, total=loss)
-        return (loss, outputs) if return_outputs else loss
+    def forward_kwargs(self) -> dict[str, Any]:
+        return {"output_hidden_states": True}
+
+    def extra_losses(
+        self, student_outputs: Any, inputs: dict[str, Any]
+    ) -> dict[str, tuple[float, torch.Tensor]]:
+        weight = self.args.layer_weight
+        return {"layer": (weight, self.layer_loss(student_outputs, inputs))} if weight > 0 else {}

@@ -238,16 +238,32 @@ class DistillationTrainer(Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         args: DistillationArguments = self.args  # type: ignore[assignment]
-        outputs = model(**forward_inputs(model, inputs, labels=True))
-        task = outputs.loss if outputs.loss is not None else torch.zeros((), device=args.device)
-        kd = torch.zeros((), device=task.device)
+        outputs = model(**forward_inputs(model, inputs, labels=True), **self.forward_kwargs())
+        zero = torch.zeros((), device=args.device)
+        task = outputs.loss if outputs.loss is not None else zero
+        kd = zero
         if args.alpha_ce > 0:
             kd = self.distillation_loss(outputs, self.teacher_logits(inputs), inputs)
         loss = mix_losses(kd, task, args.alpha_ce, args.alpha_task)
+        terms = {"kd": kd} if args.alpha_ce > 0 else {}
+        if args.alpha_task > 0:
+            terms["task"] = task
+        for name, (weight, value) in self.extra_losses(outputs, inputs).items():
+            loss = loss + weight * value
+            terms[name] = value
         if model.training:
-            terms = {"kd": kd} if args.alpha_ce > 0 else {}
-            self._record(**terms, task=task, total=loss)
+            self._record(**terms, total=loss)
         return (loss, outputs) if return_outputs else loss
+
+    def forward_kwargs(self) -> dict[str, Any]:
+        """Extra arguments for the student's forward pass (a subclass may need hidden states)."""
+        return {}
+
+    def extra_losses(
+        self, student_outputs: Any, inputs: dict[str, Any]
+    ) -> dict[str, tuple[float, torch.Tensor]]:
+        """Further weighted terms, name -> (weight, value), added to the loss and logged."""
+        return {}
 
     def _record(self, **terms: torch.Tensor) -> None:
         for name, value in terms.items():
