@@ -57,8 +57,8 @@ def resolve(
 ) -> dict[str, Any]:
     """The parameters a run will get: profile file, then overrides; validated or ConfigError.
 
-    Returns only the values that differ from the notebook's defaults' source (profile and
-    overrides), which is what papermill injects.
+    Returns the values the profile file and the overrides set (what papermill injects); every
+    other parameter keeps the notebook's default.
     """
     declared = declared_parameters(chapter)
     values = {"profile": profile, **profile_values(chapter, profile), **(overrides or {})}
@@ -108,7 +108,3 @@ def check_consistency(chapter: Chapter) -> None:
                 f"{chapter.source.name}: default of {name} is {info['default']} but "
                 f"{cls.__name__} says {getattr(defaults, name)!r}."
             )
-
-
-def write_yaml(path: Path, values: dict[str, Any]) -> None:
-    path.write_text(yaml.safe_dump(values, sort_keys=False))
