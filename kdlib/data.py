@@ -7,6 +7,8 @@ article (`split_by_article`): questions about one article never straddle train a
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -19,6 +21,14 @@ SQUAD_FILE = "squad/dev-v1.1.json"
 SQUAD_HUB_ID = "rajpurkar/squad"
 SST2_FILES = {"train": "sst2/train.tsv", "validation": "sst2/dev.tsv", "test": "sst2/test.tsv"}
 SST2_HUB_ID = "stanfordnlp/sst2"
+BANKING77_FILES = {"train": "banking77/train.csv", "test": "banking77/test.csv"}
+BANKING77_HUB_ID = "PolyAI/banking77"
+IFLYTEK_FILES = {
+    "train": "iflytek/train_few_all.json",
+    "validation": "iflytek/dev_few_all.json",
+    "test": "iflytek/test_public.json",
+}
+IFLYTEK_HUB_ID = "clue/clue"
 
 
 class DataError(ValueError):
@@ -165,6 +175,84 @@ def load_sst2(split: str = "train", data_dir: str | os.PathLike | None = None) -
         if label not in ("0", "1") or not sentence:
             raise DataError(f"{path}:{number} is not `label<TAB>sentence` with a 0/1 label: {line[:60]!r}")
         examples.append({"sentence": sentence, "label": int(label)})
+    if not examples:
+        raise DataError(f"{path} holds no examples.")
+    return examples
+
+
+def load_banking77(split: str = "train", data_dir: str | os.PathLike | None = None) -> list[dict]:
+    """Banking77 queries: `{"sentence", "label", "category"}`, labels numbering the 77 intents
+    in alphabetical order (the same ids from the mirror's CSVs and from the hub)."""
+    if split not in BANKING77_FILES:
+        raise DataError(f"split={split!r}: Banking77 has {sorted(BANKING77_FILES)}.")
+    root = resolve_data_dir(data_dir)
+    if root is None:
+        require_hub(f"the Banking77 {split} split ({BANKING77_HUB_ID})")
+        import datasets
+
+        rows = datasets.load_dataset(BANKING77_HUB_ID, split=split)
+        names = rows.features["label"].names
+        pairs = [(r["text"], names[r["label"]]) for r in rows]
+        categories = sorted(names)
+    else:
+        pairs = _read_banking77_csv(root, split)
+        train_pairs = pairs if split == "train" else _read_banking77_csv(root, "train")
+        categories = sorted({c for _, c in train_pairs})
+    index = {c: i for i, c in enumerate(categories)}
+    unknown = sorted({c for _, c in pairs} - set(index))
+    if unknown:
+        raise DataError(f"Banking77 {split} has intents the train split lacks: {unknown[:5]}.")
+    return [{"sentence": text, "label": index[c], "category": c} for text, c in pairs]
+
+
+def _read_banking77_csv(root: Path, split: str) -> list[tuple[str, str]]:
+    path = root / BANKING77_FILES[split]
+    if not path.is_file():
+        raise DataError(f"{path} does not exist: the data directory lacks {BANKING77_FILES[split]}.")
+    reader = csv.reader(io.StringIO(path.read_text(encoding="utf-8")))
+    header = next(reader, None)
+    if header != ["text", "category"]:
+        raise DataError(f"{path} should start with the header `text,category`, found {header}.")
+    pairs = []
+    for number, row in enumerate(reader, start=2):
+        if len(row) != 2 or not row[0].strip() or not row[1].strip():
+            raise DataError(f"{path}:{number} is not `text,category`: {row!r:.80}")
+        pairs.append((row[0], row[1]))
+    if not pairs:
+        raise DataError(f"{path} holds no examples.")
+    return pairs
+
+
+def load_iflytek(split: str = "train", data_dir: str | os.PathLike | None = None) -> list[dict]:
+    """CLUE iflytek app descriptions (119 classes): `{"sentence", "label"}`.
+
+    The mirror holds the FewCLUE release (train_few_all / dev_few_all / test_public); without a
+    data directory the full CLUE set comes from the hub (its test split has no labels).
+    """
+    if split not in IFLYTEK_FILES:
+        raise DataError(f"split={split!r}: iflytek has {sorted(IFLYTEK_FILES)}.")
+    root = resolve_data_dir(data_dir)
+    if root is None:
+        require_hub(f"the CLUE iflytek {split} split ({IFLYTEK_HUB_ID})")
+        import datasets
+
+        rows = datasets.load_dataset(IFLYTEK_HUB_ID, "iflytek", split=split)
+        return [{"sentence": r["sentence"], "label": int(r["label"])} for r in rows]
+    path = root / IFLYTEK_FILES[split]
+    if not path.is_file():
+        raise DataError(f"{path} does not exist: the data directory lacks {IFLYTEK_FILES[split]}.")
+    examples = []
+    # split on "\n" only: the descriptions contain U+2028, which str.splitlines would break on
+    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            examples.append({"sentence": row["sentence"], "label": int(row["label"])})
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise DataError(
+                f"{path}:{number} is not a JSON line with `sentence` and `label` ({err})."
+            ) from err
     if not examples:
         raise DataError(f"{path} holds no examples.")
     return examples

@@ -154,18 +154,23 @@ def test_teacher_command_saves_a_loadable_stamped_teacher(tmp_path, monkeypatch)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".teacher-")]
 
 
-@pytest.fixture(scope="module")
-def ch2_metrics(tmp_path_factory):
+def smoke_metrics(tmp_path_factory, key):
+    """Run chapter `key` at the smoke profile through the CLI; the metrics.json it wrote."""
     needs_shared_data()
-    out = tmp_path_factory.mktemp("ch2")
+    out = tmp_path_factory.mktemp(key)
     result = subprocess.run(
-        [sys.executable, "-m", "bookrun", "run", "ch2", "--profile", "smoke", "--output-dir", str(out)],
+        [sys.executable, "-m", "bookrun", "run", key, "--profile", "smoke", "--output-dir", str(out)],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def ch2_metrics(tmp_path_factory):
+    return smoke_metrics(tmp_path_factory, "ch2")
 
 
 def test_ch2_runs_every_strategy_and_seed(ch2_metrics):
@@ -209,3 +214,33 @@ def test_ch2_logs_layer_and_kd_terms(ch2_metrics):
     assert all("loss_layer" not in h for h in curves["kd-only/seed0"] if "loss" in h)
     cache = ch2_metrics["cache"]
     assert ch2_metrics["teacher_cache_mb"] > 0 and cache["hits"] + cache["misses"] == 1  # one lookup
+
+
+@pytest.fixture(scope="module")
+def ch4_metrics(tmp_path_factory):
+    return smoke_metrics(tmp_path_factory, "ch4")
+
+
+def test_ch4_runs_every_method_and_seed(ch4_metrics):
+    results = ch4_metrics["results"]
+    methods = ["finetune-first", "extract-finetune", "theseus-constant", "theseus-linear", "proportional-0.5"]
+    assert sorted(k.split("/")[0] for k in results["methods"]) == sorted(methods)
+    for method in methods:
+        accs = [results["runs"][f"{method}/L3/seed{s}"]["accuracy"] for s in (0, 1)]
+        summary = results["methods"][f"{method}/L3"]
+        assert summary["mean"] == pytest.approx(sum(accs) / 2)
+        assert summary["min"] == min(accs) and summary["max"] == max(accs)
+        assert all(0 <= a <= 100 for a in accs)
+    assert ch4_metrics["data"]["classes"] == 77 and ch4_metrics["data"]["eval_examples"] == 128
+    assert results["predecessor"]["layers"] == 6
+
+
+def test_ch4_records_what_replacement_did(ch4_metrics):
+    runs = ch4_metrics["results"]["runs"]
+    constant = runs["theseus-constant/L3/seed0"]
+    assert len(constant["replaced_fraction"]) == 3 and 0 <= constant["idle_steps"] <= 4
+    assert "after_replacing" in runs["proportional-0.5/L3/seed0"]
+    assert "replaced_fraction" not in runs["proportional-0.5/L3/seed0"]  # no coin flips
+    assert "after_replacing" not in runs["finetune-first/L3/seed0"]
+    steps = [p["step"] for p in constant["curve"]]
+    assert steps == sorted(steps) and steps[-1] == 6  # replacing then successor steps, one axis

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,16 +18,17 @@ from typing import Any
 import numpy as np
 import torch
 import transformers
-from transformers import AutoModelForSequenceClassification, PrinterCallback
+from transformers import PrinterCallback
 
-from kdlib.batching import FeatureDataset, PadCollator, RaggedArray, inference_batches
+from kdlib.batching import FeatureDataset, PadCollator, RaggedArray
 from kdlib.cache import TeacherOutputCache, cache_key, model_fingerprint, sequences_fingerprint
+from kdlib.classification import accuracy, encode, fine_tune, forward_all, load_classifier
 from kdlib.config import ConfigError, check_choice, check_range
 from kdlib.data import load_sst2
 from kdlib.layer_distillation import LayerDistillationArguments, LayerDistillationTrainer, add_projection
-from kdlib.registry import load_pretrained, resolve_model
+from kdlib.registry import resolve_model
 from kdlib.report import RunRecord
-from kdlib.trainer import DistillationArguments, DistillationTrainer, check_aligned_tokenization
+from kdlib.trainer import check_aligned_tokenization
 
 STRATEGIES: dict[str, tuple[str, str] | None] = {
     "kd-only": None,  # prediction distillation alone
@@ -98,45 +98,6 @@ class LayerExperimentConfig:
             check_range("cofi_weight_seeds[i]", seed, low=0)
         if self.removed_layers and min(self.removed_layers) < 0:
             raise ConfigError(f"removed_layers = {self.removed_layers}: layer indices start at 0.")
-
-
-def load_classifier(name: str, num_labels: int = 2) -> tuple[torch.nn.Module, Any]:
-    return load_pretrained(name, AutoModelForSequenceClassification, num_labels=num_labels)
-
-
-def encode(tokenizer: Any, examples: Sequence[dict], max_length: int) -> dict[str, list]:
-    enc = tokenizer([ex["sentence"] for ex in examples], truncation=True, max_length=max_length)
-    columns = {k: list(v) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-    columns["labels"] = [ex["label"] for ex in examples]
-    return columns
-
-
-@torch.inference_mode()
-def forward_all(
-    model: torch.nn.Module, columns: dict[str, list], pad_token_id: int, hidden: bool, batch_size: int = 64
-) -> dict[str, Any]:
-    """Logits (and, if `hidden`, every block's hidden states as fp16 ragged rows) per example."""
-    model.eval()
-    lengths = [len(ids) for ids in columns["input_ids"]]
-    logits: list[np.ndarray | None] = [None] * len(lengths)
-    states: list[np.ndarray | None] = [None] * len(lengths)
-    inputs = {k: columns[k] for k in ("input_ids", "attention_mask")}
-    for rows, batch in inference_batches(model, inputs, pad_token_id, batch_size):
-        out = model(**batch, output_hidden_states=hidden)
-        for j, i in enumerate(rows):
-            logits[i] = out.logits[j].float().cpu().numpy()
-            if hidden:
-                stacked = torch.stack([h[j, : lengths[i]] for h in out.hidden_states[1:]], dim=1)
-                states[i] = stacked.to(torch.float16).cpu().numpy()  # [seq, layers, width]
-    result: dict[str, Any] = {"logits": np.stack(logits)}
-    if hidden:
-        result["hidden"] = RaggedArray.from_rows(states)
-    return result
-
-
-def accuracy(model: torch.nn.Module, columns: dict[str, list], pad_token_id: int) -> float:
-    predicted = forward_all(model, columns, pad_token_id, hidden=False)["logits"].argmax(-1)
-    return float(100.0 * np.mean(predicted == np.asarray(columns["labels"])))
 
 
 def reference_numbers() -> dict[str, Any]:
@@ -230,31 +191,16 @@ class LayerExperiment:
         started = time.perf_counter()
         if cfg.teacher_steps:
             columns = encode(self.teacher_tokenizer, self.teacher_train, cfg.max_length)
-            args = DistillationArguments(
+            trainer = fine_tune(
+                self.teacher,
+                columns,
+                self.teacher_tokenizer.pad_token_id,
                 output_dir=str(Path(cfg.output_dir) / "runs" / "teacher"),
-                per_device_train_batch_size=cfg.teacher_batch_size,
+                steps=cfg.teacher_steps,
+                batch_size=cfg.teacher_batch_size,
                 learning_rate=cfg.teacher_learning_rate,
-                max_steps=cfg.teacher_steps,
-                warmup_steps=0.1,
-                weight_decay=0.01,
-                logging_steps=max(1, cfg.teacher_steps // 10),
-                save_strategy="no",
                 seed=cfg.seed,
-                alpha_ce=0.0,
-                alpha_task=1.0,
-                train_sampling_strategy="group_by_length",
-                dataloader_pin_memory=torch.cuda.is_available(),
-                disable_tqdm=True,
-                report_to="none",
             )
-            trainer = DistillationTrainer(
-                model=self.teacher,
-                args=args,
-                train_dataset=FeatureDataset(columns),
-                data_collator=PadCollator(self.teacher_tokenizer.pad_token_id),
-            )
-            trainer.remove_callback(PrinterCallback)
-            trainer.train()
             self.record["results"]["teacher_curve"] = trainer.state.log_history
         self.teacher.eval()
         teacher_dev = encode(self.teacher_tokenizer, self.dev, cfg.max_length)

@@ -1,0 +1,104 @@
+"""Sentence classification helpers the chapters share: load, encode, score.
+
+Evaluation runs shortest sentences first (`inference_batches`), so almost nothing is spent on
+padding; predictions are put back in the data's order before they are compared with labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoModelForSequenceClassification, PrinterCallback, TrainerCallback
+
+from kdlib.batching import FeatureDataset, PadCollator, RaggedArray, inference_batches
+from kdlib.registry import load_pretrained
+from kdlib.trainer import DistillationArguments, DistillationTrainer
+
+
+def load_classifier(name: str, num_labels: int = 2) -> tuple[torch.nn.Module, Any]:
+    """(model with a fresh `num_labels`-way head, tokenizer); the head is seeded by the caller."""
+    return load_pretrained(name, AutoModelForSequenceClassification, num_labels=num_labels)
+
+
+def encode(tokenizer: Any, examples: Sequence[dict], max_length: int) -> dict[str, list]:
+    """Token ids, attention masks and labels of `{"sentence", "label"}` examples, unpadded."""
+    enc = tokenizer([ex["sentence"] for ex in examples], truncation=True, max_length=max_length)
+    columns = {k: list(v) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+    columns["labels"] = [ex["label"] for ex in examples]
+    return columns
+
+
+@torch.inference_mode()
+def forward_all(
+    model: torch.nn.Module, columns: dict[str, list], pad_token_id: int, hidden: bool, batch_size: int = 64
+) -> dict[str, Any]:
+    """Logits (and, if `hidden`, every block's hidden states as fp16 ragged rows) per example."""
+    model.eval()
+    lengths = [len(ids) for ids in columns["input_ids"]]
+    logits: list[np.ndarray | None] = [None] * len(lengths)
+    states: list[np.ndarray | None] = [None] * len(lengths)
+    inputs = {k: columns[k] for k in ("input_ids", "attention_mask")}
+    for rows, batch in inference_batches(model, inputs, pad_token_id, batch_size):
+        out = model(**batch, output_hidden_states=hidden)
+        for j, i in enumerate(rows):
+            logits[i] = out.logits[j].float().cpu().numpy()
+            if hidden:
+                stacked = torch.stack([h[j, : lengths[i]] for h in out.hidden_states[1:]], dim=1)
+                states[i] = stacked.to(torch.float16).cpu().numpy()  # [seq, layers, width]
+    result: dict[str, Any] = {"logits": np.stack(logits)}
+    if hidden:
+        result["hidden"] = RaggedArray.from_rows(states)
+    return result
+
+
+def accuracy(model: torch.nn.Module, columns: dict[str, list], pad_token_id: int) -> float:
+    """Percentage of `columns` whose arg-max prediction equals its label."""
+    predicted = forward_all(model, columns, pad_token_id, hidden=False)["logits"].argmax(-1)
+    return float(100.0 * np.mean(predicted == np.asarray(columns["labels"])))
+
+
+def fine_tune(
+    model: torch.nn.Module,
+    columns: dict[str, list],
+    pad_token_id: int,
+    *,
+    output_dir: str,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    trainer_class: type[DistillationTrainer] = DistillationTrainer,
+    callbacks: list[TrainerCallback] | None = None,
+) -> DistillationTrainer:
+    """`steps` AdamW steps on the gold labels alone (10% warmup, linear decay, length-grouped
+    batches); returns the trainer, whose `state.log_history` holds the loss curve."""
+    args = DistillationArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate,
+        max_steps=steps,
+        warmup_steps=0.1,
+        weight_decay=0.01,
+        logging_steps=max(1, steps // 10),
+        save_strategy="no",
+        seed=seed,
+        alpha_ce=0.0,
+        alpha_task=1.0,
+        train_sampling_strategy="group_by_length",
+        dataloader_pin_memory=torch.cuda.is_available(),
+        disable_tqdm=True,
+        report_to="none",
+    )
+    trainer = trainer_class(
+        model=model,
+        args=args,
+        train_dataset=FeatureDataset(columns),
+        data_collator=PadCollator(pad_token_id),
+        callbacks=callbacks,
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    return trainer

@@ -1,0 +1,149 @@
+"""Token-level distillation for causal language models.
+
+Every position of every sequence is one distribution over the shared vocabulary, so the
+student imitates the teacher token by token (distilpythia's `(1 - a) * L_kd + a * L_clm`).
+Three divergences, as TRL's GKD and DistiLLM offer them, all between the tempered teacher p and
+student q and scaled by T^2:
+
+- forward KL(p || q): mass-covering, Hinton's and DistilBERT's choice;
+- reverse KL(q || p): mode-seeking;
+- generalised Jensen-Shannon, beta * KL(p || m) + (1 - beta) * KL(q || m), m = beta p + (1 - beta) q.
+
+A full-vocabulary teacher output costs vocab x 2 bytes per token to keep; `topk_teacher` keeps
+the k most likely tokens' log-probabilities and lets the rest of the mass stand as one bucket,
+and `topk_forward_kl` is the forward KL over those k + 1 buckets. How much signal that keeps
+must be measured against the full-vocabulary loss, not assumed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from kdlib.config import ConfigError, check_choice, check_range
+
+DIVERGENCES = ("forward", "reverse", "jsd")
+
+
+def _masked_mean(per_token: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return per_token.mean()
+    mask = mask.to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def _kl_from_logs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) over the last axis from log-probabilities; 0 * log 0 counts as 0."""
+    return (log_p.exp() * (log_p - log_q)).nan_to_num(nan=0.0).sum(-1)
+
+
+def token_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 2.0,
+    mask: torch.Tensor | None = None,
+    divergence: str = "forward",
+    beta: float = 0.5,
+) -> torch.Tensor:
+    """T^2 times the mean per-token divergence between tempered teacher and student.
+
+    `*_logits`: [..., vocab]; `mask` (same leading shape): which tokens count (real, not padding).
+    """
+    check_range("temperature", temperature, low=0.0, low_inclusive=False)
+    check_choice("divergence", divergence, DIVERGENCES)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ: the models must share the vocabulary."
+        )
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    if divergence == "forward":
+        per_token = _kl_from_logs(log_p, log_q)
+    elif divergence == "reverse":
+        per_token = _kl_from_logs(log_q, log_p)
+    else:
+        check_range("jsd_beta", beta, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+        log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log(1.0 - beta)]), dim=0)
+        per_token = beta * _kl_from_logs(log_p, log_m) + (1.0 - beta) * _kl_from_logs(log_q, log_m)
+    return temperature**2 * _masked_mean(per_token, mask)
+
+
+def topk_teacher(
+    teacher_logits: torch.Tensor, k: int, temperature: float = 2.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, log-probabilities) of the k most likely tokens at temperature T, per position.
+
+    The rest of the mass, 1 - sum(exp(log-probabilities)), is implied and used as one bucket.
+    """
+    vocab = teacher_logits.shape[-1]
+    if not 1 <= k < vocab:
+        raise ConfigError(f"topk = {k}: keep between 1 and {vocab - 1} of the {vocab} tokens.")
+    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    values, indices = log_p.topk(k, dim=-1)
+    return indices, values
+
+
+def _log1m_exp(log_x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(log_x)) for log_x <= 0, stable at both ends."""
+    log_x = log_x.clamp(max=-1e-7)
+    return torch.where(log_x > -math.log(2.0), torch.log(-torch.expm1(log_x)), torch.log1p(-torch.exp(log_x)))
+
+
+def topk_forward_kl(
+    student_logits: torch.Tensor,
+    indices: torch.Tensor,
+    teacher_log_probs: torch.Tensor,
+    temperature: float = 2.0,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """T^2 times the forward KL over the teacher's top-k tokens plus one "rest" bucket.
+
+    Equal to the full-vocabulary forward KL when the top k hold all of the teacher's mass, and a
+    lower bound on it otherwise (merging outcomes never increases a KL divergence).
+    """
+    check_range("temperature", temperature, low=0.0, low_inclusive=False)
+    log_q_all = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_q = log_q_all.gather(-1, indices.long())
+    log_p = teacher_log_probs.float()
+    log_p_rest = _log1m_exp(torch.logsumexp(log_p, dim=-1))
+    log_q_rest = _log1m_exp(torch.logsumexp(log_q, dim=-1))
+    head = _kl_from_logs(log_p, log_q)
+    rest = (log_p_rest.exp() * (log_p_rest - log_q_rest)).nan_to_num(nan=0.0)
+    return temperature**2 * _masked_mean(head + rest, mask)
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, rows: list[list[int]], batch_size: int = 8) -> dict[str, float]:
+    """Perplexity of `model` on token rows: exp of the mean next-token NLL over every predicted token.
+
+    Rows are scored independently (no context carried across rows), padded per batch with the
+    padding excluded; returns the perplexity, the mean NLL and how many tokens were predicted.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    for begin in range(0, len(order), batch_size):
+        chunk = [rows[i] for i in order[begin : begin + batch_size]]
+        width = max(len(r) for r in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for j, row in enumerate(chunk):
+            ids[j, : len(row)] = torch.tensor(row)
+            mask[j, : len(row)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        targets = ids[:, 1:]
+        keep = mask[:, 1:].bool()
+        nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        total += float(nll[keep].sum())
+        count += int(keep.sum())
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("no row has two tokens or more: nothing to score.")
+    mean = total / count
+    return {"perplexity": math.exp(mean), "nll": mean, "tokens": count}

@@ -1,0 +1,420 @@
+"""Chapter 4's experiment: BERT-of-Theseus module replacement against its alternatives, per seed.
+
+A pretrained encoder is fine-tuned once on the task (the predecessor). For each successor depth
+and seed, each method then yields a compressed model of that depth:
+
+- `finetune-first`: the pretrained model's first layers, fine-tuned directly (the baseline);
+- `extract-finetune`: the fine-tuned predecessor's first layers, fine-tuned again (the blog's
+  "two-stage" extraction);
+- `theseus-constant` / `theseus-linear`: module replacement with a constant coin-flip rate or
+  the linear curriculum, then the extracted successor fine-tuned alone;
+- `proportional`: the blog's proportional add, one method per k, then the same fine-tuning.
+
+Every method gets the same number of optimizer steps (replacing_steps + successor_steps).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+from transformers import TrainerCallback
+
+from kdlib.classification import accuracy, encode, fine_tune, load_classifier
+from kdlib.config import ConfigError, check_choice, check_range
+from kdlib.data import load_banking77, load_iflytek
+from kdlib.registry import resolve_model
+from kdlib.report import RunRecord, spread_test, welch_test
+from kdlib.theseus import (
+    SUCCESSOR_INIT,
+    BernoulliReplacement,
+    Policy,
+    ProportionalAdd,
+    ReplacementSchedule,
+    TheseusTrainer,
+    build_theseus,
+    extract_successor,
+    first_layers,
+)
+from kdlib.trainer import DistillationTrainer
+
+METHODS = ("finetune-first", "extract-finetune", "theseus-constant", "theseus-linear", "proportional")
+"""`proportional` stands for one method per value of `proportional_k` (`proportional-0.5`, ...)."""
+
+
+@dataclass(frozen=True)
+class Task:
+    load: Callable[..., list[dict]]
+    num_labels: int
+    eval_split: str
+    description: str
+
+
+TASKS = {
+    "banking77": Task(load_banking77, 77, "test", "Banking77 (77 banking intents)"),
+    "iflytek": Task(load_iflytek, 119, "validation", "CLUE iflytek (119 app categories)"),
+}
+
+
+@dataclass
+class TheseusExperimentConfig:
+    """Every parameter of chapter 4; the chapter's parameters cell lists the same names."""
+
+    profile: str = "default"
+    task: str = "banking77"
+    predecessor: str = "minilm-l6"
+    predecessor_steps: int = 500
+    predecessor_learning_rate: float = 2e-4
+    data_dir: str = ""
+    train_examples: int = 0
+    eval_examples: int = 0
+    max_length: int = 64
+    successor_layers: list[int] = field(default_factory=lambda: [3])
+    successor_init: str = "first"
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    replace_rate: float = 0.5
+    linear_start: float = 0.3
+    linear_k: float = 0.0
+    proportional_k: list[float] = field(default_factory=lambda: [0.5, 0.8])
+    replacing_steps: int = 80
+    successor_steps: int = 40
+    learning_rate: float = 5e-4
+    batch_size: int = 32
+    freeze_embeddings: bool = True
+    train_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    seed: int = 0
+    output_dir: str = "outputs/ch4"
+
+    def __post_init__(self) -> None:
+        check_choice("profile", self.profile, ("smoke", "default", "paper"))
+        check_choice("task", self.task, TASKS)
+        check_choice("successor_init", self.successor_init, SUCCESSOR_INIT)
+        for name in ("predecessor_steps", "train_examples", "eval_examples", "successor_steps"):
+            check_range(name, getattr(self, name), low=0)
+        for name in ("batch_size", "replacing_steps"):
+            check_range(name, getattr(self, name), low=1)
+        check_range("max_length", self.max_length, low=8, high=4096)
+        for name in ("predecessor_learning_rate", "learning_rate"):
+            check_range(name, getattr(self, name), low=0.0, high=1.0, low_inclusive=False)
+        if not self.successor_layers or min(self.successor_layers) < 1:
+            raise ConfigError(f"successor_layers = {self.successor_layers}: give one or more depths >= 1.")
+        if not self.methods or len(set(self.methods)) != len(self.methods):
+            raise ConfigError(f"methods = {self.methods}: list some of {', '.join(METHODS)}, each once.")
+        for name in self.methods:
+            check_choice("methods[i]", name, METHODS)
+        if not self.train_seeds or len(set(self.train_seeds)) != len(self.train_seeds):
+            raise ConfigError(f"train_seeds = {self.train_seeds} must be a non-empty list of distinct seeds.")
+        if "proportional" in self.methods and not self.proportional_k:
+            raise ConfigError("proportional_k is empty: give the k values of the proportional method.")
+        if "theseus-linear" in self.methods:
+            check_range("linear_start", self.linear_start, low=0.0, high=1.0, low_inclusive=False)
+            check_range("linear_k", self.linear_k, low=0.0)
+            if self.linear_start + self.linear_slope() >= 1.0 and self.linear_start < 1.0:
+                raise ConfigError(
+                    f"linear_start + linear_k = {self.linear_start + self.linear_slope():g} >= 1: every "
+                    "module is replaced from the second step on. Choose linear_k well below "
+                    f"1 - linear_start, or 0 to reach 1 at the last of the {self.replacing_steps} "
+                    "replacing steps."
+                )
+        self.policies()  # the replacement settings are checked here, not after the predecessor trains
+
+    def linear_slope(self) -> float:
+        """k of the linear curriculum: as given, or (0) such that p reaches 1 at the last replacing step."""
+        if self.linear_k:
+            return self.linear_k
+        return (1.0 - self.linear_start) / max(1, self.replacing_steps - 1)
+
+    def policies(self) -> dict[str, Policy]:
+        """Replacement method name -> its policy."""
+        found: dict[str, Policy] = {}
+        if "theseus-constant" in self.methods:
+            found["theseus-constant"] = BernoulliReplacement(self.replace_rate)
+        if "theseus-linear" in self.methods:
+            found["theseus-linear"] = BernoulliReplacement(self.linear_start, self.linear_slope())
+        if "proportional" in self.methods:
+            for k in self.proportional_k:
+                found[f"proportional-{k:g}"] = ProportionalAdd(k)
+        return found
+
+    def method_names(self) -> list[str]:
+        """The methods as run and reported, `proportional` expanded per k."""
+        names = []
+        for method in self.methods:
+            if method == "proportional":
+                names += [f"proportional-{k:g}" for k in self.proportional_k]
+            else:
+                names.append(method)
+        return names
+
+
+def reference_numbers() -> dict[str, Any]:
+    return {
+        "citation": "xu2020theseus",
+        "claim": "module replacement compresses BERT-base to 6 layers keeping most of its accuracy",
+        "glue_dev": {
+            "MNLI": {"bert_base": 83.5, "theseus_6": 82.1},
+            "QNLI": {"bert_base": 91.2, "theseus_6": 88.8},
+            "SST-2": {"bert_base": 91.5, "theseus_6": 91.8},
+        },
+        "replication": {
+            "citation": "theseus2020blog",
+            "task": "CLUE iflytek dev accuracy",
+            "finetune_12": 60.11,
+            "finetune_first_6": 58.99,
+            "finetune_first_3": 57.96,
+            "proportional_6": 59.7,
+            "proportional_3": 59.5,
+            "claims": [
+                "binary random replacement is unstable across runs",
+                "proportional add is stabler and ends 0.5-1 point below the predecessor",
+                "fine-tuning layers extracted from the predecessor does not beat 3-layer fine-tuning",
+            ],
+        },
+    }
+
+
+class TheseusExperiment:
+    """Chapter 4 as a few calls: fine-tune the predecessor, then `run(method, layers, seed)`."""
+
+    def __init__(self, cfg: TheseusExperimentConfig) -> None:
+        self.cfg = cfg
+        self.task = TASKS[cfg.task]
+        self.record = RunRecord("ch4", cfg.profile, asdict(cfg))
+        self.record["reference"] = reference_numbers()
+        self.timings: dict[str, float] = {}
+        data_dir = cfg.data_dir or None
+        train = self.task.load("train", data_dir)
+        evaluation = self.task.load(self.task.eval_split, data_dir)
+        rng = np.random.default_rng(cfg.seed)
+        if cfg.train_examples:
+            train = [train[i] for i in sorted(rng.permutation(len(train))[: cfg.train_examples])]
+        if cfg.eval_examples:
+            evaluation = [
+                evaluation[i] for i in sorted(rng.permutation(len(evaluation))[: cfg.eval_examples])
+            ]
+        depth = transformers.AutoConfig.from_pretrained(resolve_model(cfg.predecessor)).num_hidden_layers
+        bad = [n for n in cfg.successor_layers if n >= depth or depth % n]
+        if bad:
+            divisors = [d for d in range(1, depth) if depth % d == 0]
+            raise ConfigError(
+                f"successor_layers {bad} do not divide the predecessor's {depth} layers into equal "
+                f"groups; choose from {divisors}."
+            )
+        transformers.set_seed(cfg.seed)  # the predecessor's new task head
+        self.predecessor, self.tokenizer = load_classifier(cfg.predecessor, self.task.num_labels)
+        self.depth = depth
+        self.train_columns = encode(self.tokenizer, train, cfg.max_length)
+        self.eval_columns = encode(self.tokenizer, evaluation, cfg.max_length)
+        self.record["data"] = {
+            "task": self.task.description,
+            "train_examples": len(train),
+            "eval_examples": len(evaluation),
+            "eval_split": self.task.eval_split,
+            "classes": self.task.num_labels,
+        }
+
+    # --- training ----------------------------------------------------------------------
+
+    def _train(
+        self,
+        model: torch.nn.Module,
+        steps: int,
+        learning_rate: float,
+        seed: int,
+        name: str,
+        callbacks: list[TrainerCallback] | None = None,
+        trainer_class: type[DistillationTrainer] = DistillationTrainer,
+    ) -> tuple[list[dict[str, Any]], DistillationTrainer | None]:
+        """`steps` AdamW steps on the task labels (warmup 10%, linear decay): (loss curve, trainer)."""
+        if steps == 0:
+            return [], None
+        trainer = fine_tune(
+            model,
+            self.train_columns,
+            self.tokenizer.pad_token_id,
+            output_dir=str(Path(self.cfg.output_dir) / "runs" / name),
+            steps=steps,
+            batch_size=self.cfg.batch_size,
+            learning_rate=learning_rate,
+            seed=seed,
+            trainer_class=trainer_class,
+            callbacks=callbacks,
+        )
+        return [entry for entry in trainer.state.log_history if "loss" in entry], trainer
+
+    def evaluate(self, model: torch.nn.Module) -> float:
+        return accuracy(model, self.eval_columns, self.tokenizer.pad_token_id)
+
+    def fine_tune_predecessor(self) -> float:
+        """Fine-tune the whole pretrained model on the task; its accuracy is the ceiling."""
+        started = time.perf_counter()
+        curve, _ = self._train(
+            self.predecessor,
+            self.cfg.predecessor_steps,
+            self.cfg.predecessor_learning_rate,
+            self.cfg.seed,
+            "predecessor",
+        )
+        acc = self.evaluate(self.predecessor)
+        self.record["results"]["predecessor"] = {"accuracy": acc, "layers": self.depth, "curve": curve}
+        self.timings["predecessor_s"] = time.perf_counter() - started
+        return acc
+
+    def _fit_compressed(
+        self, model: torch.nn.Module, steps: int, seed: int, name: str
+    ) -> list[dict[str, Any]]:
+        """Fine-tune a compressed model; its embeddings stay frozen if `freeze_embeddings`."""
+        if self.cfg.freeze_embeddings:
+            model.base_model.embeddings.requires_grad_(False)
+        return self._train(model, steps, self.cfg.learning_rate, seed, name)[0]
+
+    def run(self, method: str, layers: int, seed: int) -> dict[str, Any]:
+        """Train one compressed model of `layers` layers with `method`; its record."""
+        cfg = self.cfg
+        name = f"{method}/L{layers}/seed{seed}"
+        tag = name.replace("/", "-")
+        started = time.perf_counter()
+        entry: dict[str, Any] = {"method": method, "layers": layers, "seed": seed}
+        transformers.set_seed(seed)
+        if method in ("finetune-first", "extract-finetune"):
+            if method == "finetune-first":  # the pretrained encoder, a fresh head
+                source, _ = load_classifier(cfg.predecessor, self.task.num_labels)
+            else:
+                source = self.predecessor
+            model = first_layers(source, layers)
+            curve = self._fit_compressed(model, cfg.replacing_steps + cfg.successor_steps, seed, tag)
+        else:
+            policy = cfg.policies()[method]
+            theseus = copy.deepcopy(self.predecessor)
+            state = build_theseus(theseus, layers, policy, cfg.successor_init)
+            curve, trainer = self._train(
+                theseus,
+                cfg.replacing_steps,
+                cfg.learning_rate,
+                seed,
+                tag + "-replacing",
+                callbacks=[ReplacementSchedule(state)],
+                trainer_class=TheseusTrainer,
+            )
+            entry["idle_steps"] = trainer.idle_steps  # every group kept its predecessor
+            entry["after_replacing"] = self.evaluate(theseus)  # eval mode = the successor alone
+            if isinstance(policy, BernoulliReplacement):
+                entry["replaced_fraction"] = state.replaced_fraction()
+            model = extract_successor(theseus)
+            del theseus
+            for point in self._fit_compressed(model, cfg.successor_steps, seed, tag + "-successor"):
+                curve.append(dict(point, step=point["step"] + cfg.replacing_steps))
+        entry["accuracy"] = self.evaluate(model)
+        entry["seconds"] = round(time.perf_counter() - started, 1)
+        entry["curve"] = curve
+        self.record["results"].setdefault("runs", {})[name] = entry
+        return entry
+
+    def summarize(self) -> dict[str, dict[str, Any]]:
+        """Per `method/L<layers>`: accuracy mean, std, min, max over the seeds."""
+        runs = self.record["results"]["runs"]
+        table = {}
+        for layers in self.cfg.successor_layers:
+            for method in self.cfg.method_names():
+                values = np.array(
+                    [runs[f"{method}/L{layers}/seed{s}"]["accuracy"] for s in self.cfg.train_seeds]
+                )
+                table[f"{method}/L{layers}"] = {
+                    "method": method,
+                    "layers": layers,
+                    "mean": float(values.mean()),
+                    "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+                    "min": float(values.min()),
+                    "max": float(values.max()),
+                    "seeds": list(self.cfg.train_seeds),
+                }
+        self.record["results"]["methods"] = table
+        return table
+
+    def write(self) -> Path:
+        self.record["timings"] = {k: round(v, 1) for k, v in self.timings.items()}
+        return self.record.write(Path(self.cfg.output_dir) / "metrics.json")
+
+
+def claim_verdicts(results: dict[str, Any], layers: int, seeds: list[int]) -> list[dict[str, Any]]:
+    """The blog's claims, each checked against this run's per-seed accuracies at one depth.
+
+    Significance is at the 5% level over seeds: a Welch test for means, an F-test for spread.
+    "Reproduced" for a claim of *no* gain means only that no significant gain was seen.
+    """
+    runs = results["runs"]
+    methods = sorted({r["method"] for r in runs.values() if r["layers"] == layers})
+
+    def accs(method: str) -> list[float]:
+        return [runs[f"{method}/L{layers}/seed{s}"]["accuracy"] for s in seeds]
+
+    binary = [m for m in methods if m.startswith("theseus-")]
+    proportional = [m for m in methods if m.startswith("proportional-")]
+    best_prop = max(proportional, key=lambda m: np.mean(accs(m)), default=None)
+    verdicts = []
+    if binary and proportional and len(seeds) > 1:
+        test = spread_test([accs(m) for m in binary], [accs(m) for m in proportional])
+        ratio, p = test["ratio"], test["p"]
+        verdict = (
+            "inconclusive"
+            if ratio is None
+            else "reproduced"
+            if p < 0.05
+            else "not reproduced"
+            if ratio <= 1.0
+            else "inconclusive"
+        )
+        verdicts.append(
+            {
+                "claim": "binary random replacement varies more across seeds than proportional add",
+                "evidence": f"seed std {test['std_a']:.2f} (binary) vs {test['std_b']:.2f} (proportional)"
+                + ("" if p is None else f", F-test p = {p:.2f}"),
+                "verdict": verdict,
+                "test": test,
+            }
+        )
+    if best_prop is not None:
+        gap = results["predecessor"]["accuracy"] - float(np.mean(accs(best_prop)))
+        verdicts.append(
+            {
+                "claim": "proportional add ends 0.5-1 point below the predecessor",
+                "evidence": f"`{best_prop}` is {gap:.1f} points below the "
+                f"{results['predecessor']['layers']}-layer predecessor",
+                "verdict": "reproduced" if gap <= 1.0 else "not reproduced",
+            }
+        )
+    if {"extract-finetune", "finetune-first"} <= set(methods) and len(seeds) > 1:
+        test = welch_test(accs("extract-finetune"), accs("finetune-first"))
+        gained = test["difference"] > 0 and test["p"] < 0.05
+        verdicts.append(
+            {
+                "claim": "fine-tuning layers extracted from the predecessor does not beat fine-tuning the "
+                "first layers directly",
+                "evidence": f"extracted minus direct: {test['difference']:+.1f} points (p = {test['p']:.3f})",
+                "verdict": "not reproduced" if gained else "reproduced",
+                "test": test,
+            }
+        )
+    if best_prop is not None and "extract-finetune" in methods and len(seeds) > 1:
+        test = welch_test(accs(best_prop), accs("extract-finetune"))
+        verdicts.append(
+            {
+                "claim": "module replacement is needed: it beats fine-tuning the extracted layers",
+                "evidence": f"`{best_prop}` minus extracted: {test['difference']:+.1f} points "
+                f"(p = {test['p']:.3f})",
+                "verdict": "reproduced"
+                if test["difference"] > 0 and test["p"] < 0.05
+                else "not reproduced"
+                if test["difference"] <= 0
+                else "inconclusive",
+                "test": test,
+            }
+        )
+    return verdicts

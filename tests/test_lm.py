@@ -1,0 +1,130 @@
+"""Language-model distillation losses against their definitions, computed by hand."""
+
+import math
+
+import pytest
+import torch
+
+from kdlib.config import ConfigError
+from kdlib.data import DataError
+from kdlib.lm import token_divergence, topk_forward_kl, topk_teacher
+from kdlib.lm_data import load_lm_documents, pack, pad_truncate, wikitext_articles
+
+P = [0.7, 0.2, 0.1]  # teacher
+Q = [0.2, 0.5, 0.3]  # student
+
+
+def logits(probs):
+    return torch.log(torch.tensor([probs]))
+
+
+def kl(a, b):
+    return sum(x * math.log(x / y) for x, y in zip(a, b))
+
+
+def test_forward_and_reverse_kl_match_their_definitions_at_t1():
+    forward = token_divergence(logits(Q), logits(P), temperature=1.0, divergence="forward")
+    reverse = token_divergence(logits(Q), logits(P), temperature=1.0, divergence="reverse")
+    assert forward.item() == pytest.approx(kl(P, Q), rel=1e-5)  # 0.5341
+    assert reverse.item() == pytest.approx(kl(Q, P), rel=1e-5)  # 0.5094
+    assert forward.item() != pytest.approx(reverse.item(), rel=1e-3)
+
+
+def test_generalised_jsd_matches_its_definition():
+    beta = 0.3
+    m = [beta * p + (1 - beta) * q for p, q in zip(P, Q)]
+    expected = beta * kl(P, m) + (1 - beta) * kl(Q, m)
+    got = token_divergence(logits(Q), logits(P), temperature=1.0, divergence="jsd", beta=beta)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    assert got.item() < math.log(2)  # a JSD is bounded
+
+
+def test_temperature_softens_both_sides_and_scales_by_t_squared():
+    t = 2.0
+    soft = lambda probs: [x ** (1 / t) / sum(y ** (1 / t) for y in probs) for x in probs]  # noqa: E731
+    got = token_divergence(logits(Q), logits(P), temperature=t)
+    assert got.item() == pytest.approx(t**2 * kl(soft(P), soft(Q)), rel=1e-5)
+
+
+def test_padding_tokens_do_not_count():
+    student = torch.randn(2, 4, 7)
+    teacher = torch.randn(2, 4, 7)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    full = token_divergence(student, teacher, mask=mask)
+    garbage = student.clone()
+    garbage[0, 3] = 100.0
+    garbage[1, 2:] = -50.0
+    assert token_divergence(garbage, teacher, mask=mask).item() == pytest.approx(full.item(), rel=1e-6)
+    kept = [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
+    each = [token_divergence(student[i, j], teacher[i, j]).item() for i, j in kept]
+    assert full.item() == pytest.approx(sum(each) / len(each), rel=1e-5)
+
+
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
+def test_identical_distributions_give_zero(divergence):
+    x = torch.randn(3, 5, 11)
+    assert token_divergence(x, x.clone(), divergence=divergence).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_topk_with_one_token_is_a_two_bucket_kl():
+    indices, log_probs = topk_teacher(logits(P), k=1, temperature=1.0)
+    assert indices.tolist() == [[0]] and log_probs.exp().item() == pytest.approx(0.7)
+    got = topk_forward_kl(logits(Q), indices, log_probs, temperature=1.0)
+    assert got.item() == pytest.approx(kl([0.7, 0.3], [0.2, 0.8]), rel=1e-5)
+
+
+def test_topk_is_a_lower_bound_that_closes_as_k_grows():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 6, 50), torch.randn(2, 6, 50) * 3
+    full = token_divergence(student, teacher).item()
+    values = []
+    for k in (1, 5, 20, 49):
+        indices, log_probs = topk_teacher(teacher, k)
+        values.append(topk_forward_kl(student, indices, log_probs).item())
+    assert all(v <= full + 1e-5 for v in values)
+    assert values == sorted(values)  # finer buckets never lose information
+    assert values[-1] == pytest.approx(full, rel=1e-4)  # k = vocab - 1: the rest bucket is one token
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match="share the vocabulary"):
+        token_divergence(torch.zeros(1, 5), torch.zeros(1, 6))
+    with pytest.raises(ConfigError, match="divergence"):
+        token_divergence(torch.zeros(1, 5), torch.zeros(1, 5), divergence="tv")
+    with pytest.raises(ConfigError, match="temperature"):
+        token_divergence(torch.zeros(1, 5), torch.zeros(1, 5), temperature=0.0)
+    with pytest.raises(ConfigError, match="topk"):
+        topk_teacher(torch.zeros(1, 5), k=5)
+    with pytest.raises(ConfigError, match="jsd_beta"):
+        token_divergence(torch.zeros(1, 5), torch.zeros(1, 5), divergence="jsd", beta=1.0)
+
+
+def test_wikitext_is_split_at_top_level_titles_only():
+    text = (
+        "\n = Alpha = \n\n Alpha text .\n\n = = History = = \n\n More alpha .\n = Beta = \n\n Beta text .\n"
+    )
+    articles = wikitext_articles(text)
+    assert len(articles) == 2
+    assert articles[0].startswith("= Alpha =") and "= = History = =" in articles[0]
+    assert articles[1] == "= Beta = \n\n Beta text ."
+
+
+def test_padding_keeps_document_starts_and_packing_keeps_every_token():
+    docs = [[1, 2, 3, 4, 5], [6], [7, 8, 9]]
+    assert pad_truncate(docs, max_length=3) == [[1, 2, 3], [7, 8, 9]]  # [6] is too short
+    rows = pack(docs, block_size=4, eos_token_id=0)
+    assert rows == [[1, 2, 3, 4], [5, 0, 6, 0], [7, 8, 9, 0]]
+    assert pack(docs, block_size=5, eos_token_id=0) == [[1, 2, 3, 4, 5], [0, 6, 0, 7, 8]]  # remainder dropped
+
+
+def test_lm_data_bad_inputs_are_named(tmp_path):
+    with pytest.raises(DataError, match="block_size"):
+        pack([[1, 2]], block_size=1, eos_token_id=0)
+    with pytest.raises(DataError, match="no block of 8"):
+        pack([[1, 2]], block_size=8, eos_token_id=0)
+    with pytest.raises(DataError, match="nothing to train on"):
+        pad_truncate([[1]], max_length=8)
+    with pytest.raises(DataError, match="corpus"):
+        load_lm_documents("pile", tmp_path)
+    with pytest.raises(DataError, match="lacks lm/wiki.test.raw"):
+        load_lm_documents("wikitext2-test", tmp_path)

@@ -1,0 +1,134 @@
+"""LMDistillationTrainer on tiny Llama models: the loss it computes, online and from a top-k cache."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from kdlib.batching import FeatureDataset, PadCollator
+from kdlib.config import ConfigError
+from kdlib.lm import token_divergence, topk_forward_kl, topk_teacher
+from kdlib.lm_trainer import LMDistillationArguments, LMDistillationTrainer
+
+ROWS = [[5, 9, 3, 7, 2, 11], [4, 8, 6]]
+
+
+def llama(layers, seed, vocab=40):
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+    )
+    return LlamaForCausalLM(config)
+
+
+def batch(extra=None):
+    columns = {"input_ids": ROWS, "attention_mask": [[1] * len(r) for r in ROWS], "labels": ROWS}
+    rows = [
+        dict({k: v[i] for k, v in columns.items()}, **{k: v[i] for k, v in (extra or {}).items()})
+        for i in range(2)
+    ]
+    return PadCollator(0, pad_values={"labels": -100})(rows), columns
+
+
+def trainer(tmp_path, teacher=None, **overrides):
+    values = dict(
+        output_dir=str(tmp_path),
+        temperature=2.0,
+        alpha_ce=0.5,
+        alpha_task=0.5,
+        report_to="none",
+        dataloader_pin_memory=False,
+    )
+    values.update(overrides)
+    _, columns = batch()
+    return LMDistillationTrainer(
+        model=llama(1, seed=1),
+        teacher_model=teacher,
+        args=LMDistillationArguments(**values),
+        train_dataset=FeatureDataset(columns),
+        data_collator=PadCollator(0, pad_values={"labels": -100}),
+    )
+
+
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
+def test_online_loss_is_the_weighted_sum_of_kd_and_clm(tmp_path, divergence):
+    teacher = llama(2, seed=0)
+    t = trainer(tmp_path, teacher=teacher, divergence=divergence)
+    inputs, _ = batch()
+    loss = t.compute_loss(t.model.train(), inputs)
+    with torch.no_grad():
+        student_out = t.model(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=inputs["labels"]
+        )
+        teacher_logits = teacher(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+        ).logits
+    mask = inputs["attention_mask"].bool()
+    kd = token_divergence(student_out.logits, teacher_logits, 2.0, mask, divergence)
+    assert loss.item() == pytest.approx(0.5 * kd.item() + 0.5 * student_out.loss.item(), rel=1e-5)
+
+
+def test_cached_topk_teacher_gives_the_bucketed_kl(tmp_path):
+    teacher = llama(2, seed=0)
+    inputs, _ = batch()
+    with torch.no_grad():
+        logits = teacher(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    indices, log_probs = topk_teacher(logits, k=8, temperature=2.0)
+    lengths = [len(r) for r in ROWS]
+    extra = {
+        "teacher_topk_indices": [indices[i, : lengths[i]].numpy() for i in range(2)],
+        "teacher_topk_logprobs": [log_probs[i, : lengths[i]].numpy() for i in range(2)],
+    }
+    cached, _ = batch(extra)
+    t = trainer(tmp_path, alpha_ce=1.0, alpha_task=0.0)  # no teacher model: the cache is all there is
+    loss = t.compute_loss(t.model.train(), cached)
+    with torch.no_grad():
+        student = t.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    expected = topk_forward_kl(student, indices, log_probs, 2.0, inputs["attention_mask"].bool())
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    t.args.divergence = "reverse"
+    with pytest.raises(ConfigError, match="top-k cache supports forward KL only"):
+        t.compute_loss(t.model.train(), cached)
+
+
+def test_bad_lm_settings_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="divergence"):
+        LMDistillationArguments(output_dir=str(tmp_path), divergence="tv")
+    with pytest.raises(ConfigError, match="jsd_beta"):
+        LMDistillationArguments(output_dir=str(tmp_path), divergence="jsd", jsd_beta=0.0)
+    with pytest.raises(ValueError, match="vocab_size"):
+        trainer(tmp_path, teacher=llama(2, seed=0, vocab=48))
+
+
+def test_perplexity_is_exp_of_the_mean_token_nll_and_ignores_padding():
+    from kdlib.lm import perplexity
+
+    model = llama(1, seed=3).eval()
+    with torch.no_grad():
+        nlls = []
+        for row in ROWS:
+            ids = torch.tensor([row])
+            logits = model(input_ids=ids).logits[0, :-1]
+            nlls += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none").tolist()
+    result = perplexity(model, ROWS, batch_size=2)  # the short row is padded in its batch
+    assert result["tokens"] == len(nlls) == 7
+    assert result["nll"] == pytest.approx(sum(nlls) / 7, rel=1e-5)
+    assert result["perplexity"] == pytest.approx(torch.tensor(sum(nlls) / 7).exp().item(), rel=1e-5)
+    assert perplexity(model, ROWS, batch_size=1)["nll"] == pytest.approx(result["nll"], rel=1e-5)
+
+
+def test_same_seed_gives_the_same_lm_distillation_run(tmp_path):
+    def run(folder):
+        t = trainer(folder, teacher=llama(2, seed=0), max_steps=3, per_device_train_batch_size=2, seed=7)
+        t.train()
+        return [h["loss"] for h in t.state.log_history if "loss" in h], t.model.state_dict()
+
+    (losses_a, weights_a), (losses_b, weights_b) = run(tmp_path / "a"), run(tmp_path / "b")
+    assert losses_a == losses_b
+    for key in weights_a:
+        torch.testing.assert_close(weights_a[key], weights_b[key], rtol=0, atol=0)
