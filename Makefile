@@ -27,7 +27,7 @@ $(VENV)/.installed: requirements.txt requirements-nodeps.txt pyproject.toml
 	$(PY) -m pip install --quiet "torch==2.13.0"
 	$(PY) -m pip install --quiet -r requirements.txt
 	@# pip check, except for the --no-deps packages, whose declared dependencies are left out on purpose
-	! $(PY) -m pip check | grep -v -i -E '^($(NODEPS)) ' | grep .
+	! $(PY) -m pip check | grep -v -i -E '^(($(NODEPS)) |No broken requirements)' | grep .
 	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@

@@ -92,6 +92,28 @@ class TeacherOutputCache:
     def get_or_compute(
         self, key: str, compute: Callable[[], Mapping[str, np.ndarray]]
     ) -> dict[str, np.ndarray]:
+        """The arrays under `key`, computed and stored first if missing or unreadable.
+
+        Under torch.distributed (torchrun, accelerate launch) the main process looks first and
+        computes a missing entry while the others wait at a barrier; they then read what it
+        wrote, so the teacher runs once per entry, not once per process.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return self._get_or_compute(key, compute)
+        main = dist.get_rank() == 0
+        if not main:
+            dist.barrier()  # wait for the main process to write the entry
+        try:
+            return self._get_or_compute(key, compute)
+        finally:
+            if main:
+                dist.barrier()
+
+    def _get_or_compute(
+        self, key: str, compute: Callable[[], Mapping[str, np.ndarray]]
+    ) -> dict[str, np.ndarray]:
         found = self.load(key)
         if found is not None:
             self.hits += 1

@@ -279,8 +279,12 @@ class DistillationTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._term_batches:
-            for name, total in self._terms.items():
-                logs[f"loss_{name}"] = round(total / self._term_batches, 6)
+            names = sorted(self._terms)
+            totals = torch.tensor([self._terms[n] for n in names] + [self._term_batches], dtype=torch.float64)
+            if self.args.world_size > 1:  # every process logs; report the terms over all of them
+                totals = self.accelerator.reduce(totals.to(self.args.device), reduction="sum").cpu()
+            for name, total in zip(names, totals[:-1].tolist()):
+                logs[f"loss_{name}"] = round(total / float(totals[-1]), 6)
             self._terms.clear()
             self._term_batches = 0
         super().log(logs, start_time)
