@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import papermill
 
 from bookrun.chapters import CHAPTERS, ROOT, Chapter
 from bookrun.params import resolve
+from kdlib.config import ConfigError
 
 BUILD = ROOT / "_build"
 SOURCE_TREE = BUILD / "src"
@@ -81,9 +83,23 @@ def execute(chapter: Chapter, parameters: dict[str, Any], notebook_out: Path) ->
     return time.perf_counter() - started
 
 
+def ensure_writable(folder: Path) -> None:
+    """Create `folder` and prove a file can be written there, or stop before any work."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise ConfigError(
+            f"output folder {folder} is not writable ({err.strerror}): pass --output-dir with a "
+            "folder you can write to."
+        ) from err
+
+
 def run_chapter(chapter: Chapter, profile: str, overrides: dict[str, Any], output_dir: Path | None) -> Path:
     output_dir = (output_dir or outputs_dir(chapter, profile)).resolve()
     parameters = resolve(chapter, profile, overrides, output_dir)
+    ensure_writable(output_dir)
     offline_unless_paper(profile)
     notebook = output_dir / f"{chapter.stem}.ipynb"
     seconds = execute(chapter, parameters, notebook)

@@ -143,6 +143,10 @@ def test_training_logs_terms_and_the_alignment_of_every_step(tmp_path):
     )
     again.train()
     assert [e["teacher_layers"] for e in again.alignment_log] == [e["teacher_layers"] for e in log]
+    # ... and the same run: the same losses and the same final weights
+    assert [h for h in again.state.log_history if "loss" in h] == logged
+    for (name, a), b in zip(student.state_dict().items(), student2.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
 def test_removed_student_layers_are_never_matched(tmp_path):

@@ -1,5 +1,7 @@
 """DistillationTrainer on tiny QA models: the loss it optimises, the teacher, the logs."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -142,6 +144,27 @@ def test_training_leaves_teacher_frozen_and_logs_each_term(tmp_path, tiny_qa_pai
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert logged and all("loss_kd" in h and "loss_task" in h for h in logged)
     assert all(h["loss_kd"] >= 0 for h in logged)
+
+
+def test_same_seed_gives_the_same_online_kd_run(tmp_path, tiny_qa_pair, tiny_tokenizer):
+    teacher, student = tiny_qa_pair
+    initial = copy.deepcopy(student)
+    _, ds = dataset(tiny_tokenizer)
+
+    def run(model, folder):
+        trainer = DistillationTrainer(
+            model=model,
+            teacher_model=teacher,
+            args=args(folder),
+            train_dataset=ds,
+            data_collator=PadCollator(0),
+        )
+        trainer.train()
+        return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    assert run(student, tmp_path / "a") == run(initial, tmp_path / "b")
+    for (name, a), b in zip(student.state_dict().items(), initial.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
 def test_alpha_ce_zero_is_plain_fine_tuning(tmp_path, tiny_qa_pair, tiny_tokenizer):
