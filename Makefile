@@ -48,5 +48,8 @@ params: setup
 teacher: setup
 	$(PY) -m kdlib.recipes.train_teacher
 
+notebooks: setup
+	$(PY) -m bookrun notebooks --profile $(PROFILE) --out _build/notebooks
+
 clean:
 	rm -rf _build

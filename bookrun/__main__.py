@@ -36,15 +36,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     p_run.add_argument("--output-dir", type=Path, help="default: _build/outputs/<profile>/<chapter>")
 
+    p_notebooks = sub.add_parser(
+        "notebooks", help="write runnable .ipynb notebooks (no outputs) for a workshop"
+    )
+    p_notebooks.add_argument("--profile", default="default", choices=PROFILES)
+    p_notebooks.add_argument("--out", type=Path, default=Path("_build/notebooks"))
+
     p_params = sub.add_parser("params", help="list a chapter's parameters, types, defaults, meaning")
     p_params.add_argument("chapter", choices=list(CHAPTERS))
 
     args = parser.parse_args(argv)
-    from bookrun import execute, params
+    from bookrun import execute, notebooks, params
 
     try:
         if args.command == "params":
             print(params.describe(get_chapter(args.chapter)))
+        elif args.command == "notebooks":
+            for path in notebooks.write_notebooks(list(CHAPTERS.values()), args.profile, args.out):
+                print(path)
         elif args.command == "run":
             overrides = {name: params.parse_value(value) for name, value in args.param}
             execute.run_chapter(get_chapter(args.chapter), args.profile, overrides, args.output_dir)

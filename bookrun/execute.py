@@ -21,11 +21,13 @@ from typing import Any
 import jupytext
 import papermill
 
+from bookrun import notebooks, results
 from bookrun.chapters import CHAPTERS, ROOT, Chapter
 from bookrun.params import resolve
 from kdlib.config import ConfigError
 
-BUILD = ROOT / "_build"
+BUILD = Path(os.environ.get("BOOKRUN_BUILD_DIR") or ROOT / "_build")
+"""Everything the build writes; $BOOKRUN_BUILD_DIR moves it (the page test builds elsewhere)."""
 SOURCE_TREE = BUILD / "src"
 SITE = BUILD / "site"
 BOOK_FILES = ("_config.yml", "_toc.yml", "references.bib")
@@ -128,8 +130,18 @@ def build(profile: str, keys: list[str] | None = None, execute_chapters: bool = 
         if execute_chapters:
             timings[chapter.key] = execute(chapter, planned[chapter.key], target)
             print(f"{chapter.key}: executed in {timings[chapter.key]:.0f} s", flush=True)
+            metrics = results.read_metrics(outputs_dir(chapter, profile) / "metrics.json")
+            if metrics is not None:
+                results.add_provenance(target, chapter, metrics)
         else:
             jupytext.write(jupytext.read(chapter.source), target)
+    measured = [
+        (c, results.read_metrics(outputs_dir(c, profile) / "metrics.json") if execute_chapters else None)
+        for c in CHAPTERS.values()
+    ]
+    (SOURCE_TREE / "book" / "results.md").write_text(results.results_page(measured))
+    # the workshop notebooks, served with the site (html_extra_path) and linked from each chapter
+    notebooks.write_notebooks(list(CHAPTERS.values()), profile, SOURCE_TREE / "_workshop" / "notebooks")
     command = [
         str(Path(sys.executable).parent / "jupyter-book"),
         "build",

@@ -131,6 +131,22 @@ def _check_finite(value: Any, where: str = "metrics") -> None:
 VERDICTS = ("reproduced", "inconclusive", "not reproduced")
 
 
+def claim_record(
+    claim: str, verdict: str, measured: str, paper: str, replication: str | None = None
+) -> dict[str, str | None]:
+    """One published claim as the book's results page shows it: what was claimed, by whom, what
+    this run measured, and the verdict (one of `VERDICTS`)."""
+    if verdict not in VERDICTS:
+        raise ValueError(f"verdict = {verdict!r}: choose one of {VERDICTS}.")
+    return {
+        "claim": claim,
+        "paper": paper,
+        "replication": replication,
+        "measured": measured,
+        "verdict": verdict,
+    }
+
+
 def gain_verdict(mean: float, se: float, seeds_improved: int, seeds: int) -> str:
     """Whether a claimed improvement showed up: one of `VERDICTS`.
 

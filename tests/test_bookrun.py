@@ -80,3 +80,67 @@ def test_cli_refuses_bad_parameter_in_seconds_with_exit_code_2(tmp_path):
     assert "temperature = -1.0 is out of range" in result.stderr
     assert not (tmp_path / "out").exists()
     assert time.perf_counter() - started < 30
+
+
+def fake_metrics(profile="default"):
+    return {
+        "profile": profile,
+        "parameters": {"temperature": 2.0, "train_seeds": [0, 1, 2], "max_train_windows": 2400},
+        "claims": [
+            {
+                "claim": "KD helps | a lot",
+                "paper": "+1.1 F1",
+                "replication": None,
+                "measured": "+0.5 F1",
+                "verdict": "inconclusive",
+            }
+        ],
+        "wall_time_s": 570.0,
+        "peak_memory_mb": 3400.0,
+        "hardware": {"processor": "Test CPU", "torch_threads": 2, "gpu": None},
+        "versions": {"python": "3.11.7", "torch": "2.13.0"},
+    }
+
+
+def test_results_page_has_one_row_per_claim_and_a_row_per_missing_chapter():
+    from bookrun.results import results_page
+
+    page = results_page([(CH1, fake_metrics()), (CHAPTERS["ch2"], None)])
+    assert "## {doc}`ch1_distilbert_squad`" in page
+    assert "| KD helps \\| a lot | **inconclusive** | +0.5 F1 | +1.1 F1 | — |" in page
+    assert "## {doc}`ch2_layer_distillation`\n\nNot run in this build." in page
+    assert "| {doc}`ch1 <ch1_distilbert_squad>` | default | 9.5 min | 3.3 GB |" in page
+    assert "On Test CPU, 2 threads, no GPU." in page
+
+
+def test_provenance_box_goes_above_setup_and_names_the_profile_values(tmp_path):
+    import jupytext
+    import nbformat
+
+    from bookrun.results import add_provenance
+
+    path = tmp_path / "ch1.ipynb"
+    jupytext.write(jupytext.read(CH1.source), path)
+    add_provenance(path, CH1, fake_metrics())
+    first = next(c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "markdown")
+    box, setup = first.source.index("Provenance of this page"), first.source.index("## Setup")
+    assert first.source.index("## Overview") < box < setup
+    assert "`max_train_windows=2400`" in first.source  # set by the default profile file
+    assert "9.5 min" in first.source and "torch 2.13.0" in first.source and "no GPU" in first.source
+
+
+def test_workshop_notebooks_are_runnable_ipynb_with_parameters_first_and_no_outputs(tmp_path):
+    import nbformat
+
+    from bookrun.notebooks import write_notebooks
+
+    paths = write_notebooks(list(CHAPTERS.values()), "smoke", tmp_path)
+    assert [p.name for p in paths] == [f"{c.stem}.ipynb" for c in CHAPTERS.values()]
+    for path in paths:
+        notebook = nbformat.read(path, as_version=4)
+        nbformat.validate(notebook)
+        code = [c for c in notebook.cells if c.cell_type == "code"]
+        assert code[0].metadata["tags"] == ["parameters"]
+        assert code[1].metadata["tags"] == ["injected-parameters"] and 'profile = "smoke"' in code[1].source
+        assert all(not c.outputs and c.execution_count is None for c in code)
+        assert notebook.metadata["kernelspec"]["name"] == "python3"

@@ -31,7 +31,7 @@ from kdlib.classification import accuracy, encode, fine_tune, load_classifier
 from kdlib.config import ConfigError, check_choice, check_range
 from kdlib.data import load_banking77, load_iflytek
 from kdlib.registry import resolve_model
-from kdlib.report import RunRecord, spread_test, welch_test
+from kdlib.report import RunRecord, claim_record, spread_test, welch_test
 from kdlib.theseus import (
     SUCCESSOR_INIT,
     BernoulliReplacement,
@@ -178,6 +178,27 @@ def reference_numbers() -> dict[str, Any]:
             ],
         },
     }
+
+
+PAPER_FIGURES = {
+    claim: "BERT-of-Theseus (Xu et al. 2020): 6 layers keep most of BERT-base (MNLI 82.1 vs 83.5, "
+    "SST-2 91.8 vs 91.5, GLUE dev)"
+    for claim in (
+        "binary random replacement varies more across seeds than proportional add",
+        "module replacement is needed: it beats fine-tuning the extracted layers",
+    )
+}
+BLOG_FIGURES = {
+    "binary random replacement varies more across seeds than proportional add": "iflytek: binary runs "
+    "ranged from 0.6 below the 12-layer model to no better than 3-layer fine-tuning",
+    "proportional add ends 0.5-1 point below the predecessor": "iflytek: 12 layers 60.11%; "
+    "proportional 6 layers 59.7%, 3 layers 59.5%",
+    "fine-tuning layers extracted from the predecessor does not beat fine-tuning the first layers "
+    "directly": "iflytek: no extraction variant beat 3-layer fine-tuning (57.96%)",
+    "module replacement is needed: it beats fine-tuning the extracted layers": "iflytek: conclusion "
+    "'theseus is necessary'",
+}
+"""What the paper and the blog reported for each claim `claim_verdicts` checks."""
 
 
 class TheseusExperiment:
@@ -336,6 +357,17 @@ class TheseusExperiment:
                     "seeds": list(self.cfg.train_seeds),
                 }
         self.record["results"]["methods"] = table
+        self.record["claims"] = [
+            claim_record(
+                f"{v['claim'][0].upper()}{v['claim'][1:]} ({layers} layers)",
+                v["verdict"],
+                measured=v["evidence"],
+                paper=PAPER_FIGURES.get(v["claim"], ""),
+                replication=BLOG_FIGURES.get(v["claim"]),
+            )
+            for layers in self.cfg.successor_layers
+            for v in claim_verdicts(self.record["results"], layers, self.cfg.train_seeds)
+        ]
         return table
 
     def write(self) -> Path:

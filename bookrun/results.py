@@ -1,0 +1,111 @@
+"""Pages made from what the chapters measured: the results page and each chapter's provenance box.
+
+Both read only the `metrics.json` a chapter run wrote (its `claims`, parameters, versions,
+hardware, wall time), so the published numbers are the run's, never retyped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import yaml
+
+from bookrun.chapters import Chapter
+
+
+def _cell(text: Any) -> str:
+    return str(text or "—").replace("|", "\\|").replace("\n", " ")
+
+
+def read_metrics(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def results_page(chapters: list[tuple[Chapter, dict[str, Any] | None]]) -> str:
+    """The book's results page (MyST markdown): per chapter, one row per claim it tests."""
+    lines = [
+        "# Results",
+        "",
+        "Every claim the chapters test, the verdict, what this book's run measured, and the figure",
+        "its source published, read from each chapter's `metrics.json` when the book was built.",
+        "Verdicts follow each chapter's stated test: *reproduced*, *not reproduced*, or",
+        "*inconclusive* (within the noise of the run). Each chapter says why a result at its scale",
+        "may differ from the source's.",
+    ]
+    runs = []
+    for chapter, metrics in chapters:
+        lines += ["", f"## {{doc}}`{chapter.stem}`", ""]
+        if metrics is None:
+            lines.append("Not run in this build.")
+            continue
+        lines += [
+            "| claim | verdict | this book | source's figure | public replication |",
+            "|---|---|---|---|---|",
+        ]
+        for claim in metrics.get("claims", []):
+            lines.append(
+                f"| {_cell(claim['claim'])} | **{claim['verdict']}** | {_cell(claim['measured'])} | "
+                f"{_cell(claim['paper'])} | {_cell(claim.get('replication'))} |"
+            )
+        runs.append(
+            f"| {{doc}}`{chapter.key} <{chapter.stem}>` | {metrics['profile']} | "
+            f"{_minutes(metrics['wall_time_s'])} | {metrics['peak_memory_mb'] / 1024:.1f} GB |"
+        )
+    lines += [
+        "",
+        "## The runs behind these numbers",
+        "",
+        "| chapter | profile | wall time | peak memory |",
+        "|---|---|---|---|",
+        *runs,
+    ]
+    hardware = next((m["hardware"] for _, m in chapters if m), None)
+    if hardware:
+        gpu = hardware.get("gpu") or "no GPU"
+        lines += ["", f"On {hardware['processor']}, {hardware['torch_threads']} threads, {gpu}."]
+    return "\n".join(lines) + "\n"
+
+
+def provenance_box(chapter: Chapter, metrics: dict[str, Any]) -> str:
+    """An admonition with the profile, the values it set, hardware, versions, time and memory."""
+    profile = metrics["profile"]
+    params_file = chapter.params_file(profile)
+    chosen = yaml.safe_load(params_file.read_text()) if params_file.is_file() else {}
+    values = metrics["parameters"]
+    shown = ", ".join(f"`{k}={values[k]}`" for k in chosen if k in values) or "the defaults"
+    hw = metrics["hardware"]
+    versions = ", ".join(f"{k} {v}" for k, v in metrics["versions"].items())
+    return "\n".join(
+        [
+            ":::{admonition} Provenance of this page",
+            ":class: note",
+            f"- **profile** `{profile}`, which sets {shown} (every parameter is in `metrics.json`)",
+            f"- **hardware** {hw['processor']}, {hw['torch_threads']} threads, {hw.get('gpu') or 'no GPU'}",
+            f"- **wall time** {_minutes(metrics['wall_time_s'])}, peak memory "
+            f"{metrics['peak_memory_mb'] / 1024:.1f} GB",
+            f"- **versions** {versions}",
+            f'- **run it yourself** <a href="../notebooks/{chapter.stem}.ipynb" download>this chapter as a '
+            f"notebook</a> (parameters cell first, no outputs; profile `{profile}`)",
+            ":::",
+        ]
+    )
+
+
+def add_provenance(notebook_path: Path, chapter: Chapter, metrics: dict[str, Any]) -> None:
+    """Insert the provenance box before the chapter's `## Setup` heading (after its overview)."""
+    notebook = nbformat.read(notebook_path, as_version=4)
+    box = provenance_box(chapter, metrics)
+    for cell in notebook.cells:
+        if cell.cell_type == "markdown" and "\n## Setup" in cell.source:
+            cell.source = cell.source.replace("\n## Setup", f"\n{box}\n\n## Setup", 1)
+            break
+    else:
+        raise ValueError(f"{chapter.source.name} has no '## Setup' heading to put the provenance box above.")
+    nbformat.write(notebook, notebook_path)
