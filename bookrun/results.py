@@ -28,6 +28,14 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
+def chapter_title(chapter: Chapter) -> str:
+    """The chapter's `# Title` line, without the hashes."""
+    for line in chapter.source.read_text().splitlines():
+        if line.startswith("# "):
+            return line[2:].strip()
+    return chapter.stem
+
+
 def results_page(chapters: list[tuple[Chapter, dict[str, Any] | None]]) -> str:
     """The book's results page (MyST markdown): per chapter, one row per claim it tests."""
     lines = [
@@ -41,7 +49,7 @@ def results_page(chapters: list[tuple[Chapter, dict[str, Any] | None]]) -> str:
     ]
     runs = []
     for chapter, metrics in chapters:
-        lines += ["", f"## {{doc}}`{chapter.stem}`", ""]
+        lines += ["", f"## [{chapter_title(chapter)}]({chapter.stem}.ipynb)", ""]  # as built
         if metrics is None:
             lines.append("Not run in this build.")
             continue
