@@ -256,7 +256,10 @@ def resolve_model(name_or_path: str) -> str:
         return str(path)
     looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if looks_like_path:  # a hub id is `name` or `owner/name`
-        raise ModelNotAvailableError(f"model folder {name_or_path!r} does not exist.")
+        raise ModelNotAvailableError(
+            f"model folder {name_or_path!r} does not exist: give an existing folder, a registry name "
+            f"({', '.join(sorted(REGISTRY))}, {', '.join(sorted(FINE_TUNED))}) or a hub id."
+        )
     require_hub(f"model {name_or_path!r}")
     return name_or_path
 

