@@ -203,7 +203,9 @@ class DistillationTrainer(Trainer):
             return cached
         if self.teacher is None:
             raise ValueError("no teacher_model was given and the batch carries no teacher_<output> logits.")
-        with torch.no_grad():
+        # the student's forward runs under the accelerator's mixed precision (bf16/fp16): the
+        # teacher's must too, or a bf16 run pays for a full-precision teacher on every step
+        with torch.no_grad(), self.accelerator.autocast():
             outputs = self.teacher(**forward_inputs(self.teacher, inputs, labels=False))
         return {k: v for k, v in outputs.items() if k.endswith("logits")}
 
