@@ -116,17 +116,23 @@ def topk_forward_kl(
 
 
 @torch.no_grad()
-def perplexity(model: torch.nn.Module, rows: list[list[int]], batch_size: int = 8) -> dict[str, float]:
+def perplexity(
+    model: torch.nn.Module, rows: list[list[int]], batch_size: int = 8, bf16: bool = False
+) -> dict[str, float]:
     """Perplexity of `model` on token rows: exp of the mean next-token NLL over every predicted token.
 
     Rows are scored independently (no context carried across rows), padded per batch with the
-    padding excluded; returns the perplexity, the mean NLL and how many tokens were predicted.
+    padding excluded. Returns the perplexity, the mean NLL, the mean entropy of the model's
+    next-token distribution (a model more uncertain than it needs to be has entropy above its
+    NLL's share of it) and how many tokens were predicted. `bf16` runs the forward pass under
+    bfloat16 autocast; the log-softmax is always float32.
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    total, entropy, count = 0.0, 0.0, 0
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     for begin in range(0, len(order), batch_size):
         chunk = [rows[i] for i in order[begin : begin + batch_size]]
         width = max(len(r) for r in chunk)
@@ -136,14 +142,16 @@ def perplexity(model: torch.nn.Module, rows: list[list[int]], batch_size: int = 
             ids[j, : len(row)] = torch.tensor(row)
             mask[j, : len(row)] = 1
         ids, mask = ids.to(device), mask.to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        targets = ids[:, 1:]
+        with autocast:
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        log_q = F.log_softmax(logits.float(), dim=-1)
         keep = mask[:, 1:].bool()
-        nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        nll = -log_q.gather(-1, ids[:, 1:, None]).squeeze(-1)
         total += float(nll[keep].sum())
+        entropy += float(-(log_q.exp() * log_q).sum(-1)[keep].sum())
         count += int(keep.sum())
     model.train(was_training)
     if count == 0:
         raise ValueError("no row has two tokens or more: nothing to score.")
     mean = total / count
-    return {"perplexity": math.exp(mean), "nll": mean, "tokens": count}
+    return {"perplexity": math.exp(mean), "nll": mean, "entropy": entropy / count, "tokens": count}

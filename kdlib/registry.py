@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -303,7 +304,9 @@ def _materialise(spec: ModelSpec) -> Path:
     scratch = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=target.parent))
     scratch.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any model folder
     try:
-        spec.build(scratch)
+        # the conversion's own bars (GGUF de-quantisation, shard writing) would land on a book page
+        with quiet_transformers(), contextlib.redirect_stderr(io.StringIO()):
+            spec.build(scratch)
         write_stamp(scratch, source_sha256=spec.source_sha256, packages=list(spec.packages))
         try:
             os.replace(scratch, target)
