@@ -35,6 +35,7 @@ CHAPTERS: dict[str, Chapter] = {
     for c in (
         Chapter("ch1", "ch1_distilbert_squad", "kdlib.recipes.squad:SquadDistillationConfig"),
         Chapter("ch2", "ch2_layer_distillation", "kdlib.recipes.layers:LayerExperimentConfig"),
+        Chapter("ch3", "ch3_distilpythia", "kdlib.recipes.distilpythia:LMExperimentConfig"),
         Chapter("ch4", "ch4_theseus", "kdlib.recipes.theseus:TheseusExperimentConfig"),
     )
 }

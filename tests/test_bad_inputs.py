@@ -31,6 +31,7 @@ from kdlib.hub import HubUnavailableError
 from kdlib.lm import topk_teacher
 from kdlib.lm_data import pack, pad_truncate
 from kdlib.lm_trainer import LMDistillationArguments, LMDistillationTrainer
+from kdlib.recipes.distilpythia import LMExperimentConfig
 from kdlib.recipes.layers import LayerExperimentConfig
 from kdlib.recipes.theseus import TheseusExperimentConfig
 from kdlib.registry import ModelNotAvailableError, resolve_model
@@ -224,6 +225,18 @@ def unknown_divergence(tmp):
     LMDistillationArguments(output_dir=str(tmp / "out"), divergence="tv")
 
 
+def distillation_runs_without_a_distillation_term(tmp):
+    LMExperimentConfig(alpha_clm=1.0)
+
+
+def unknown_lm_run(tmp):
+    LMExperimentConfig(runs=["kd-packed", "kd-shuffled"])
+
+
+def unknown_zero_shot_task(tmp):
+    LMExperimentConfig(zero_shot_tasks=["piqa", "sciq"])
+
+
 CASES = [
     # (trigger, error type, culprit named, fix named)
     (unknown_parameter, ConfigError, "temprature", "temperature"),  # the known names are listed
@@ -257,6 +270,9 @@ CASES = [
     (warm_start_layer_out_of_range, ConfigError, r"keep_layers = \[0, 3\]", "0..0"),
     (layer_list_not_increasing, ConfigError, "teacher_layers", "distinct and increasing"),
     (unknown_divergence, ConfigError, "divergence = 'tv'", "forward"),
+    (distillation_runs_without_a_distillation_term, ConfigError, "alpha_clm = 1.0", "a < 1"),
+    (unknown_lm_run, ConfigError, "kd-shuffled", "kd-padded"),
+    (unknown_zero_shot_task, ConfigError, "sciq", "openbook_qa"),
 ]
 
 

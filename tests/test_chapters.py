@@ -1,6 +1,7 @@
 """Each chapter, executed at the smoke profile, writes the numbers its pages claim to show."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import sys
 import pytest
 
 from bookrun.chapters import CHAPTERS
+from kdlib.report import VERDICTS
 
 
 def needs_shared_data():
@@ -244,3 +246,40 @@ def test_ch4_records_what_replacement_did(ch4_metrics):
     assert "after_replacing" not in runs["finetune-first/L3/seed0"]
     steps = [p["step"] for p in constant["curve"]]
     assert steps == sorted(steps) and steps[-1] == 6  # replacing then successor steps, one axis
+
+
+@pytest.fixture(scope="module")
+def ch3_metrics(tmp_path_factory):
+    return smoke_metrics(tmp_path_factory, "ch3")
+
+
+def test_ch3_scores_every_model_it_trains(ch3_metrics):
+    models = ch3_metrics["results"]["models"]
+    runs = ["kd-padded", "kd-packed", "clm-packed", "kd-packed-topk"]  # smoke profile
+    assert list(models) == ["student-base", "teacher", *runs]
+    for entry in models.values():
+        heldout = entry["heldout"]
+        assert heldout["perplexity"] == pytest.approx(math.exp(heldout["nll"]))
+        assert heldout["tokens"] == 4 * 31  # 4 held-out blocks of 32 tokens, 31 predictions each
+        assert {task: s["n"] for task, s in entry["zero_shot"].items()} == {"piqa": 4, "lambada": 4}
+        assert 0 <= entry["zero_shot"]["piqa"]["acc"] <= 1 and entry["zero_shot"]["lambada"]["perplexity"] > 1
+    assert models["teacher"]["parameters_m"] > models["student-base"]["parameters_m"]  # 30 vs 28 layers
+    for run in runs:
+        curve = models[run]["curve"]
+        assert [p["step"] for p in curve] == [1, 2]
+        assert ("loss_kd" in curve[0]) == (run != "clm-packed")
+    assert models["kd-packed-topk"]["cache_mb"] > 0
+    data = ch3_metrics["data"]
+    assert data["rows_per_run"] == 4 and data["packed_tokens_seen"] == 4 * 32
+    assert data["padded_tokens_seen"] <= 4 * 32
+
+
+def test_ch3_measures_the_top_k_cache_and_checks_the_card(ch3_metrics):
+    fidelity = ch3_metrics["results"]["topk_fidelity"]
+    for temperature in ("T=1", "T=2"):
+        shares = [fidelity[temperature]["topk"][k] for k in ("8", "64")]
+        assert 0 < shares[0]["mass"] < shares[1]["mass"] <= 1  # more tokens hold more mass
+        assert all(0 < s["kl_share"] <= 1 + 1e-4 for s in shares)  # top-k loss is a lower bound
+    assert ch3_metrics["results"]["warm_start"]["candidates"]["28"]["layers"] == 28
+    claims = {c["claim"]: c for c in ch3_metrics["claims"]}
+    assert len(claims) == 3 and all(c["verdict"] in VERDICTS for c in claims.values())
