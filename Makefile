@@ -16,7 +16,7 @@ export KDLIB_MODELS_DIR ?= $(if $(wildcard $(SHARED)/models),$(SHARED)/models,)
 # requirements-nodeps.txt's package names, as an alternation for grep
 NODEPS := $(shell sed -e 's/[=<>].*//' -e '/^\#/d' -e '/^$$/d' requirements-nodeps.txt | paste -s -d '|')
 
-.PHONY: setup book test chapter params teacher notebooks clean
+.PHONY: setup book test chapter params teacher notebooks bench clean
 
 setup: $(VENV)/.installed
 
@@ -36,7 +36,7 @@ book: setup
 	$(PY) -m bookrun build --profile $(PROFILE)
 
 test: setup
-	$(VENV)/bin/ruff check kdlib bookrun tests
+	$(VENV)/bin/ruff check kdlib bookrun bench tests
 	$(PY) -m pytest -q
 
 chapter: setup
@@ -50,6 +50,11 @@ teacher: setup
 
 notebooks: setup
 	$(PY) -m bookrun notebooks --profile $(PROFILE) --out _build/notebooks
+
+# distillation's cost against its limit, as ratios (QA and causal LM; ~15 minutes on 2 cores)
+bench: setup
+	mkdir -p _build
+	$(PY) -m bench --json _build/bench.json
 
 clean:
 	rm -rf _build

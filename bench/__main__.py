@@ -1,0 +1,71 @@
+"""`python -m bench`: what distillation costs against its physical limit, as ratios in one run.
+
+The least a distillation step can cost is the student's training step plus one inference-mode
+forward pass of the teacher; with the teacher's outputs cached, the student's step alone. This
+measures, on the default profile's models and real batches, in one process and interleaved
+step by step (the machine is noisy; only ratios taken together mean anything):
+
+- QA (chapter 1: MiniLM-L6 SQuAD teacher, MiniLM-L3 student, 192-token windows, batch 16):
+  online KD step / (plain step + teacher forward); cached KD step / plain step; the teacher's
+  forward in float32 vs bfloat16; a whole 3-epoch run with `kdlib` (teacher logits computed
+  once, cached; windows padded per length-grouped batch) vs the blog's `DistillationTrainer`
+  (`bench/blog_trainer.py`: teacher in float32 on every step, windows padded to 192), with their
+  losses on one padding-free first batch checked equal, and each run's peak memory;
+- causal LM (chapter 3: SmolLM2-135M teacher, 24-layer student, 8 x 128 packed WikiText, bf16):
+  online KD step / (CLM step + teacher forward); cached top-k KD step / CLM step; the cache's
+  size per token, and how much of the full-vocabulary KL a top-k cache keeps.
+
+Prints a report and writes it as JSON (`--json`). Needs the data mirror and the offline models
+(KDLIB_DATA_DIR, KDLIB_MODELS_DIR), like the book.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.measure import blog_run, in_own_process, kdlib_run, lm_steps, qa_first_step_losses, qa_steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--setting", choices=("qa", "lm", "all"), default="all")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per variant (after one warm-up)")
+    parser.add_argument(
+        "--windows", type=int, default=256, help="training windows of the whole-run comparison"
+    )
+    parser.add_argument("--epochs", type=float, default=3.0, help="epochs of the whole-run comparison")
+    parser.add_argument("--json", type=Path, default=None, help="also write the report here")
+    opts = parser.parse_args()
+    report: dict[str, Any] = {
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"GPU: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}",
+        "torch": torch.__version__,
+    }
+    if opts.setting in ("qa", "all"):
+        report["qa_steps"] = qa_steps(opts.steps)
+        report["qa_first_step_loss"] = qa_first_step_losses()
+        blog = in_own_process(blog_run, opts.windows, opts.epochs)
+        ours = in_own_process(kdlib_run, opts.windows, opts.epochs, False)
+        ours_bf16 = in_own_process(kdlib_run, opts.windows, opts.epochs, True)
+        report["qa_whole_run"] = {
+            "blog": blog,
+            "kdlib": ours,
+            "kdlib_bf16_teacher": ours_bf16,
+            "speedup": blog["seconds"] / ours["seconds"],
+            "speedup_bf16_teacher": blog["seconds"] / ours_bf16["seconds"],
+        }
+    if opts.setting in ("lm", "all"):
+        report["lm_steps"] = lm_steps(opts.steps)
+    print(json.dumps(report, indent=2))
+    if opts.json:
+        opts.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

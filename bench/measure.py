@@ -1,0 +1,398 @@
+"""What `python -m bench` measures; see `bench/__main__.py` for what and why."""
+
+from __future__ import annotations
+
+import copy
+import multiprocessing
+import resource
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+QA_OVERRIDES = {"eval_questions": 8, "curve_questions": 0}
+BATCH = 16  # chapter 1's default batch size
+
+
+def reset_peak() -> None:
+    """Start the process's peak-RSS count afresh (Linux: VmHWM), so a peak measures what follows."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # elsewhere the peak includes what came before
+
+
+def peak_mb() -> float:
+    """Peak resident memory since `reset_peak` (Linux), else since the process started."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def interleaved(variants: dict[str, Callable[[int], Any]], steps: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each variant, called in turn on step i = 0, 1, ... ."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for i in range(warmup + steps):
+        for name, call in variants.items():
+            started = time.perf_counter()
+            call(i)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _args(tmp: str, distil: bool, **extra: Any) -> Any:
+    from kdlib.trainer import DistillationArguments
+
+    return DistillationArguments(
+        output_dir=tmp,
+        alpha_ce=0.5 if distil else 0.0,
+        alpha_task=0.5 if distil else 1.0,
+        temperature=2.0,
+        report_to="none",
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=True,
+        save_strategy="no",
+        dataloader_pin_memory=False,
+        **extra,
+    )
+
+
+def _train_step(trainer: Any, model: torch.nn.Module, optimizer: Any, batch: dict, bf16: bool) -> float:
+    """One training step as the Trainer takes it: forward and loss, backward, AdamW step."""
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext():
+        loss = trainer.compute_loss(model, batch)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+# --- QA (chapter 1) ----------------------------------------------------------------------------
+
+
+def _qa_config(windows: int) -> Any:
+    from bookrun.chapters import CHAPTERS
+    from bookrun.params import resolve
+    from kdlib.config import from_mapping
+    from kdlib.recipes.squad import SquadDistillationConfig
+
+    values = resolve(CHAPTERS["ch1"], "default", {**QA_OVERRIDES, "max_train_windows": windows})
+    return from_mapping(SquadDistillationConfig, values)
+
+
+def _qa_data(windows: int) -> tuple[Any, Any, Any, Any]:
+    from kdlib.recipes.squad import load_qa_model, prepare_data
+
+    cfg = _qa_config(windows)
+    teacher, tokenizer = load_qa_model(cfg.teacher)
+    data = prepare_data(cfg, tokenizer)
+    return cfg, teacher.eval(), tokenizer, data
+
+
+def qa_steps(steps: int) -> dict[str, Any]:
+    from kdlib.batching import PadCollator
+    from kdlib.recipes.squad import load_qa_model, span_logits, window_dataset
+    from kdlib.trainer import DistillationTrainer, forward_inputs
+
+    cfg, teacher, tokenizer, data = _qa_data((steps + 1) * BATCH)
+    logits = span_logits(teacher, data.train, tokenizer.pad_token_id)
+    dataset = window_dataset(data.train, logits)
+    collate = PadCollator(tokenizer.pad_token_id)
+    size = cfg.batch_size
+    batches = [
+        collate([dataset[j] for j in range(i * size, (i + 1) * size)]) for i in range(len(dataset) // size)
+    ]
+    online = [{k: v for k, v in b.items() if not k.startswith("teacher_")} for b in batches]
+    student, _ = load_qa_model(cfg.student)
+    models = {name: copy.deepcopy(student) for name in ("plain", "online", "cached")}
+    with tempfile.TemporaryDirectory() as tmp:
+        trainers = {
+            "plain": DistillationTrainer(model=models["plain"], args=_args(tmp, False)),
+            "online": DistillationTrainer(
+                model=models["online"], args=_args(tmp, True), teacher_model=teacher
+            ),
+            "cached": DistillationTrainer(model=models["cached"], args=_args(tmp, True)),
+        }
+        optimizers = {name: trainer.create_optimizer() for name, trainer in trainers.items()}
+
+        def forward(bf16: bool) -> Callable[[int], Any]:
+            def call(i: int) -> None:
+                with (
+                    torch.inference_mode(),
+                    torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext(),
+                ):
+                    teacher(**forward_inputs(teacher, online[i % len(online)], labels=False))
+
+            return call
+
+        def step(name: str, source: list[dict]) -> Callable[[int], Any]:
+            return lambda i: _train_step(
+                trainers[name], models[name], optimizers[name], source[i % len(source)], False
+            )
+
+        seconds = interleaved(
+            {
+                "plain_step": step("plain", online),
+                "teacher_forward_fp32": forward(False),
+                "teacher_forward_bf16": forward(True),
+                "online_kd_step": step("online", online),
+                "cached_kd_step": step("cached", batches),
+            },
+            steps,
+        )
+    with torch.inference_mode():
+        b = online[0]
+        fp32 = teacher(**forward_inputs(teacher, b, labels=False)).start_logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = teacher(**forward_inputs(teacher, b, labels=False)).start_logits.float()
+    lengths = data.train.lengths()
+    return {
+        "seconds": seconds,
+        "online_over_limit": seconds["online_kd_step"]
+        / (seconds["plain_step"] + seconds["teacher_forward_fp32"]),
+        "cached_over_plain": seconds["cached_kd_step"] / seconds["plain_step"],
+        "teacher_bf16_speedup": seconds["teacher_forward_fp32"] / seconds["teacher_forward_bf16"],
+        "teacher_bf16_max_logit_error": float((fp32 - bf16).abs().max()),
+        "cache_bytes_per_window": 2 * 4 * max(lengths),
+        "batch": f"{size} windows, mean {sum(lengths) / len(lengths):.0f} tokens (max {cfg.max_length})",
+    }
+
+
+def blog_run(windows: int, epochs: float) -> dict[str, Any]:
+    """A whole run with the blog's trainer, in its own process (for its peak memory)."""
+    from transformers import PrinterCallback, TrainingArguments
+
+    from bench.blog_trainer import BlogDistillationTrainer, FixedLengthCollator
+    from kdlib.recipes.squad import load_qa_model, window_dataset
+
+    cfg, teacher, tokenizer, data = _qa_data(windows)
+    reset_peak()  # the run's own memory: models and data are loaded alike in both
+    started = time.perf_counter()
+    student, _ = load_qa_model(cfg.student)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = BlogDistillationTrainer(
+            model=student,
+            args=TrainingArguments(
+                output_dir=tmp,
+                per_device_train_batch_size=cfg.batch_size,
+                learning_rate=cfg.learning_rate,
+                num_train_epochs=epochs,
+                warmup_steps=cfg.warmup_ratio,
+                weight_decay=cfg.weight_decay,
+                lr_scheduler_type="linear",
+                seed=0,
+                logging_steps=1,
+                save_strategy="no",
+                report_to="none",
+                use_cpu=True,
+                disable_tqdm=True,
+                remove_unused_columns=False,
+                dataloader_pin_memory=False,
+            ),
+            train_dataset=window_dataset(data.train, None),
+            data_collator=FixedLengthCollator(tokenizer.pad_token_id, cfg.max_length),
+            teacher_model=teacher,
+            temperature=cfg.temperature,
+            alpha_ce=cfg.alpha_ce,
+            alpha_squad=cfg.alpha_squad,
+        )
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {
+        "seconds": time.perf_counter() - started,
+        "peak_mb": peak_mb(),
+        "steps": trainer.state.global_step,
+        "last_loss": losses[-1],
+    }
+
+
+def kdlib_run(windows: int, epochs: float, teacher_bf16: bool) -> dict[str, Any]:
+    """The same run with kdlib: teacher logits once (cached), length-grouped dynamic padding."""
+    from transformers import PrinterCallback
+
+    from kdlib.batching import PadCollator
+    from kdlib.cache import TeacherOutputCache
+    from kdlib.recipes.squad import load_qa_model, teacher_span_logits, window_dataset
+    from kdlib.trainer import DistillationTrainer
+
+    cfg, teacher, tokenizer, data = _qa_data(windows)
+    reset_peak()
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        with torch.autocast("cpu", dtype=torch.bfloat16) if teacher_bf16 else nullcontext():
+            logits = teacher_span_logits(teacher, data.train, tokenizer.pad_token_id, TeacherOutputCache(tmp))
+        teacher_seconds = time.perf_counter() - started
+        student, _ = load_qa_model(cfg.student)
+        trainer = DistillationTrainer(
+            model=student,
+            args=_args(
+                tmp,
+                True,
+                per_device_train_batch_size=cfg.batch_size,
+                learning_rate=cfg.learning_rate,
+                num_train_epochs=epochs,
+                warmup_steps=cfg.warmup_ratio,
+                weight_decay=cfg.weight_decay,
+                lr_scheduler_type="linear",
+                seed=0,
+                logging_steps=1,
+                train_sampling_strategy="group_by_length",
+            ),
+            train_dataset=window_dataset(data.train, logits),
+            data_collator=PadCollator(tokenizer.pad_token_id),
+        )
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {
+        "seconds": time.perf_counter() - started,
+        "teacher_seconds": teacher_seconds,
+        "peak_mb": peak_mb(),
+        "steps": trainer.state.global_step,
+        "last_loss": losses[-1],
+    }
+
+
+def in_own_process(target: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """`target(*args)` in a fresh process (its peak memory is its own); its error is raised here."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(target, *args).result()
+
+
+def qa_first_step_losses() -> dict[str, float]:
+    """Both trainers' loss on one batch of full-length windows (no padding), same weights."""
+    from bench.blog_trainer import BlogDistillationTrainer, FixedLengthCollator
+    from kdlib.recipes.squad import load_qa_model, window_dataset
+    from kdlib.trainer import DistillationTrainer
+
+    cfg, teacher, tokenizer, data = _qa_data(400)
+    full = [i for i, n in enumerate(data.train.lengths()) if n == cfg.max_length][: cfg.batch_size]
+    dataset = window_dataset(data.train, None)
+    batch = FixedLengthCollator(tokenizer.pad_token_id, cfg.max_length)([dataset[i] for i in full])
+    student, _ = load_qa_model(cfg.student)
+    with tempfile.TemporaryDirectory() as tmp:
+        blog = BlogDistillationTrainer(
+            model=student,
+            args=_args(tmp, True),
+            teacher_model=teacher,
+            temperature=cfg.temperature,
+            alpha_ce=cfg.alpha_ce,
+            alpha_squad=cfg.alpha_squad,
+        )
+        ours = DistillationTrainer(model=student, args=_args(tmp, True), teacher_model=teacher)
+        student.eval()  # no dropout: the two losses see the same forward pass
+        with torch.no_grad():
+            return {
+                "blog": float(blog.compute_loss(student, batch)),
+                "kdlib": float(ours.compute_loss(student, batch)),
+            }
+
+
+# --- causal LM (chapter 3) ---------------------------------------------------------------------
+
+
+def lm_steps(steps: int, topk: int = 64) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM
+
+    from kdlib.batching import FeatureDataset, PadCollator
+    from kdlib.lm import token_divergence, topk_forward_kl, topk_teacher
+    from kdlib.lm_cache import compute_topk
+    from kdlib.lm_data import load_lm_documents, pack
+    from kdlib.lm_trainer import LMDistillationArguments, LMDistillationTrainer
+    from kdlib.recipes.distilpythia import middle_block
+    from kdlib.registry import load_pretrained
+    from kdlib.stack import keep_layers
+
+    teacher, tokenizer = load_pretrained("smollm2-135m", AutoModelForCausalLM)
+    teacher.eval().requires_grad_(False)
+    text = "\n".join(load_lm_documents("wikitext2-test")[:6])
+    rows = pack([tokenizer(text, add_special_tokens=False)["input_ids"]], 128, tokenizer.eos_token_id)
+    rows = rows[: 8 * (steps + 1)]
+    found = compute_topk(teacher, rows, topk, 2.0, bf16=True)
+    columns = {"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows], "labels": rows}
+    dataset = FeatureDataset(
+        columns, {"teacher_topk_indices": found["indices"], "teacher_topk_logprobs": found["logprobs"]}
+    )
+    collate = PadCollator(tokenizer.eos_token_id, {"labels": -100, "attention_mask": 0})
+    cached = [collate([dataset[j] for j in range(i * 8, i * 8 + 8)]) for i in range(len(rows) // 8)]
+    online = [{k: v for k, v in b.items() if not k.startswith("teacher_")} for b in cached]
+    student = keep_layers(teacher, middle_block(30, 24))
+    student.get_input_embeddings().requires_grad_(False)
+    models = {name: copy.deepcopy(student) for name in ("clm", "online", "cached")}
+
+    def args(tmp: str, distil: bool) -> Any:
+        return LMDistillationArguments(
+            output_dir=tmp,
+            alpha_ce=0.5 if distil else 0.0,
+            alpha_task=0.5 if distil else 1.0,
+            temperature=2.0,
+            bf16=True,
+            report_to="none",
+            use_cpu=True,
+            disable_tqdm=True,
+            save_strategy="no",
+        )
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trainers = {
+            "clm": LMDistillationTrainer(model=models["clm"], args=args(tmp, False)),
+            "online": LMDistillationTrainer(
+                model=models["online"], args=args(tmp, True), teacher_model=teacher
+            ),
+            "cached": LMDistillationTrainer(model=models["cached"], args=args(tmp, True)),
+        }
+        optimizers = {name: trainer.create_optimizer() for name, trainer in trainers.items()}
+
+        def forward(i: int) -> None:
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+                teacher(input_ids=online[i % len(online)]["input_ids"])
+
+        def step(name: str, source: list[dict]) -> Callable[[int], Any]:
+            return lambda i: _train_step(
+                trainers[name], models[name], optimizers[name], source[i % len(source)], True
+            )
+
+        seconds = interleaved(
+            {
+                "clm_step": step("clm", online),
+                "teacher_forward_bf16": forward,
+                "online_kd_step": step("online", online),
+                "cached_topk_kd_step": step("cached", cached),
+            },
+            steps,
+        )
+    batch = online[0]["input_ids"]
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        t_logits, s_logits = teacher(input_ids=batch).logits.float(), student(input_ids=batch).logits.float()
+    kept = {}
+    for t in (1.0, 2.0):
+        indices, log_p = topk_teacher(t_logits, topk, t)
+        kept[f"T={t:g}"] = {
+            "mass": float(log_p.exp().sum(-1).mean()),
+            "kl_share": float(
+                topk_forward_kl(s_logits, indices, log_p, t) / token_divergence(s_logits, t_logits, t)
+            ),
+        }
+    vocab = t_logits.shape[-1]
+    return {
+        "seconds": seconds,
+        "online_over_limit": seconds["online_kd_step"]
+        / (seconds["clm_step"] + seconds["teacher_forward_bf16"]),
+        "cached_over_plain": seconds["cached_topk_kd_step"] / seconds["clm_step"],
+        "cache_bytes_per_token": {"full_vocabulary_fp16": 2 * vocab, f"top{topk}": 6 * topk},
+        "topk_keeps": kept,
+    }
