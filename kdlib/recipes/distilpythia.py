@@ -78,7 +78,7 @@ class LMExperimentConfig:
     heldout_blocks: int = 48
     max_length: int = 128
     runs: list[str] = field(default_factory=lambda: ["kd-padded", "kd-packed", "clm-packed"])
-    steps: int = 30
+    steps: int = 24
     batch_size: int = 8
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-4
@@ -94,7 +94,7 @@ class LMExperimentConfig:
         default_factory=lambda: ["piqa", "winogrande", "lambada", "arc_easy", "wsc"]
     )
     zero_shot_examples: int = 100
-    lambada_examples: int = 300
+    lambada_examples: int = 200
     seed: int = 0
     data_dir: str = ""
     output_dir: str = "outputs/ch3"
