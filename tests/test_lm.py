@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import kdlib.lm
 from kdlib.config import ConfigError
 from kdlib.data import DataError
 from kdlib.lm import token_divergence, topk_forward_kl, topk_teacher
@@ -86,6 +87,62 @@ def test_topk_is_a_lower_bound_that_closes_as_k_grows():
     assert values[-1] == pytest.approx(full, rel=1e-4)  # k = vocab - 1: the rest bucket is one token
 
 
+def plain_forward_kl(student, teacher, t, mask):
+    """The loss written as tensor algebra, for autograd to differentiate."""
+    log_q = torch.log_softmax(student / t, -1)
+    log_p = torch.log_softmax(teacher / t, -1)
+    per_token = (log_p.exp() * (log_p - log_q)).sum(-1)
+    return t**2 * per_token[mask].mean()
+
+
+def plain_topk_kl(student, indices, log_p, t, mask):
+    log_q = torch.log_softmax(student / t, -1).gather(-1, indices)
+    p_rest, q_rest = 1 - log_p.exp().sum(-1), 1 - log_q.exp().sum(-1)
+    per_token = (log_p.exp() * (log_p - log_q)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())
+    return t**2 * per_token[mask].mean()
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(kdlib.lm, "CHUNK_ELEMENTS", 3 * 50)  # 3 tokens a block: blocks end mid-row
+
+
+@pytest.mark.parametrize("t", [1.0, 2.5])
+def test_blockwise_kl_and_its_gradient_equal_autograd_of_the_formula(small_blocks, t):
+    torch.manual_seed(1)
+    student = torch.randn(2, 5, 50, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(2, 5, 50, dtype=torch.float64) * 2
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]]).bool()
+    indices, log_p = topk_teacher(teacher, k=7, temperature=t)
+    indices, log_p = indices, log_p.double()  # topk_teacher works in float32
+    cases = [
+        (lambda x: token_divergence(x, teacher, t, mask), lambda x: plain_forward_kl(x, teacher, t, mask)),
+        (
+            lambda x: topk_forward_kl(x, indices, log_p, t, mask),
+            lambda x: plain_topk_kl(x, indices, log_p, t, mask),
+        ),
+    ]
+    for blockwise, plain in cases:
+        got = blockwise(student)
+        (3.0 * got).backward()  # the upstream gradient is applied
+        grad, student.grad = student.grad.clone(), None
+        expected = plain(student)
+        (3.0 * expected).backward()
+        assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+        assert torch.allclose(grad, student.grad, atol=1e-7, rtol=1e-6)
+        assert grad[~mask].abs().max() == 0  # padding gets no gradient
+        student.grad = None
+
+
+def test_blockwise_kl_keeps_the_logits_dtype_and_needs_no_grad():
+    student = torch.randn(4, 30).bfloat16().requires_grad_()
+    teacher = torch.randn(4, 30).bfloat16()
+    token_divergence(student, teacher).backward()
+    assert student.grad.dtype == torch.bfloat16 and student.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert token_divergence(student, teacher).item() > 0
+
+
 def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="share the vocabulary"):
         token_divergence(torch.zeros(1, 5), torch.zeros(1, 6))
@@ -97,6 +154,8 @@ def test_bad_inputs_are_named():
         topk_teacher(torch.zeros(1, 5), k=5)
     with pytest.raises(ConfigError, match="jsd_beta"):
         token_divergence(torch.zeros(1, 5), torch.zeros(1, 5), divergence="jsd", beta=1.0)
+    with pytest.raises(ValueError, match="mask"):
+        token_divergence(torch.zeros(2, 3, 5), torch.zeros(2, 3, 5), mask=torch.ones(2, 4).bool())
 
 
 def test_wikitext_is_split_at_top_level_titles_only():
