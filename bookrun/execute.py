@@ -25,6 +25,7 @@ from bookrun import notebooks, results
 from bookrun.chapters import CHAPTERS, ROOT, Chapter
 from bookrun.params import resolve
 from kdlib.config import ConfigError
+from kdlib.runtime import keep_freed_memory
 
 BUILD = Path(os.environ.get("BOOKRUN_BUILD_DIR") or ROOT / "_build")
 """Everything the build writes; $BOOKRUN_BUILD_DIR moves it (the page test builds elsewhere)."""
@@ -69,6 +70,7 @@ def execute(chapter: Chapter, parameters: dict[str, Any], notebook_out: Path) ->
         parameters["output_dir"] = os.path.relpath(parameters["output_dir"], notebook_out.parent)
     source = notebook_out.with_name(f".{chapter.stem}.source.ipynb")
     jupytext.write(jupytext.read(chapter.source), source)
+    keep_freed_memory()  # the kernel inherits it: no page faults for every step's large tensors
     started = time.perf_counter()
     try:
         papermill.execute_notebook(
