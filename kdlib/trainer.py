@@ -163,6 +163,10 @@ class DistillationTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, DistillationArguments):
             raise TypeError("DistillationTrainer needs DistillationArguments as `args`.")
+        # `compute_loss` returns each batch's mean, never a sum over `num_items_in_batch`: the
+        # Trainer must divide by the accumulation steps itself, which it skips for a model whose
+        # forward takes loss arguments (Llama's, BERT's) unless told the loss is not normalised
+        self.model_accepts_loss_kwargs = False
         if teacher_tokenizer is not None and self.processing_class is not None:
             check_same_tokenization(teacher_tokenizer, self.processing_class)
         self.teacher = teacher_model

@@ -132,3 +132,49 @@ def test_same_seed_gives_the_same_lm_distillation_run(tmp_path):
     assert losses_a == losses_b
     for key in weights_a:
         torch.testing.assert_close(weights_a[key], weights_b[key], rtol=0, atol=0)
+
+
+def test_gradient_accumulation_averages_the_micro_batches(tmp_path):
+    """Two accumulated batches of 2 rows move the weights as one batch of 4 rows does.
+
+    The Trainer leaves the division by the accumulation steps to a model that takes loss
+    arguments (as Llama's forward does); the distillation loss is a per-batch mean, so the
+    trainer must have the Trainer divide, or the update (and the logged loss) is 2x too large.
+    """
+    rows = [[5, 9, 3, 7], [4, 8, 6, 2], [7, 7, 1, 3], [9, 2, 2, 5]]  # equal lengths: equal weights
+    teacher = llama(2, seed=0)
+    columns = {"input_ids": rows, "attention_mask": [[1] * 4] * 4, "labels": rows}
+
+    def update(batch_size, accumulation):
+        student = llama(1, seed=1)
+        before = student.lm_head.weight.detach().clone()
+        t = LMDistillationTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=LMDistillationArguments(
+                output_dir=str(tmp_path),
+                per_device_train_batch_size=batch_size,
+                gradient_accumulation_steps=accumulation,
+                max_steps=1,
+                optim="sgd",
+                learning_rate=1.0,
+                lr_scheduler_type="constant",
+                max_grad_norm=0.0,
+                report_to="none",
+                disable_tqdm=True,
+                save_strategy="no",
+                dataloader_pin_memory=False,
+                train_sampling_strategy="sequential",
+            ),
+            train_dataset=FeatureDataset(columns),
+            data_collator=PadCollator(0, pad_values={"labels": -100}),
+        )
+        t.train()
+        logged = [h["loss"] for h in t.state.log_history if "loss" in h]
+        return student.lm_head.weight.detach() - before, logged
+
+    whole, whole_loss = update(4, 1)
+    accumulated, accumulated_loss = update(2, 2)
+    assert whole.abs().max() > 0
+    torch.testing.assert_close(accumulated, whole, rtol=1e-4, atol=1e-6)
+    assert accumulated_loss == pytest.approx(whole_loss, rel=1e-4)
