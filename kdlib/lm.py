@@ -14,11 +14,13 @@ the k most likely tokens' log-probabilities and lets the rest of the mass stand 
 and `topk_forward_kl` is the forward KL over those k + 1 buckets. How much signal that keeps
 must be measured against the full-vocabulary loss, not assumed.
 
-Both forward KLs (the ones training uses) are computed a block of tokens at a time with their
-gradient written in the same pass (`_ChunkedForwardKL`): written as plain tensor algebra, autograd
-keeps several float32 [tokens x vocab] temporaries alive per step (200 MB each for SmolLM2 at
-8 x 128 tokens), and on a CPU allocating and faulting them in costs more than the teacher's
-forward pass. Padding tokens are skipped, not computed and masked.
+Training's loss, `lm_distillation_loss` (forward KL, full or top-k, plus the next-token
+cross-entropy), is computed a block of tokens at a time with its gradient written in the same
+pass (`_BlockwiseTokenLoss`). Written as plain tensor algebra, autograd keeps several float32
+[tokens x vocab] temporaries per term (200 MB each for SmolLM2 at 8 x 128 tokens), and the
+model's own loss makes another float32 copy of the logits; on a CPU, allocating and faulting
+them in cost more than the teacher's forward pass. Padding tokens are skipped, not computed and
+masked.
 """
 
 from __future__ import annotations
@@ -48,39 +50,52 @@ def _kl_from_logs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 
 
 CHUNK_ELEMENTS = 1 << 20
-"""Logits per block of `_ChunkedForwardKL` (4 MB in float32): small enough to stay in cache."""
+"""Logits per block of `_BlockwiseTokenLoss` (4 MB in float32): small enough to stay in cache."""
+
+TokenTerm = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""(flat indices of a block of token rows, their float32 logits) -> (the term's weighted sum over
+those rows, its gradient with respect to those logits). A term must not change the logits."""
 
 
-class _ChunkedForwardKL(torch.autograd.Function):
-    """T^2 * mean over kept tokens of KL(p || q), q = softmax(s / T), and its gradient, by blocks.
+class _BlockwiseTokenLoss(torch.autograd.Function):
+    """The weighted sum of token terms, computed a block of rows at a time, gradient included.
 
-    `target(rows, log_q)` returns, for the student's log-probabilities `log_q` of the token rows
-    `rows`, the per-token KL and its gradient with respect to the tempered logits, q - p. The
-    gradient with respect to s is (q - p) / T, so the T^2-scaled loss's is T (q - p) / count; it is
-    kept in the logits' own dtype until backward needs it.
+    `terms` maps a name to (weight, term); each term's value is also written to `values` under
+    its name. The gradient is kept in the logits' own dtype until backward needs it.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, student: torch.Tensor, kept: torch.Tensor, temperature: float, target: Callable
+        ctx: Any,
+        student: torch.Tensor,
+        rows: torch.Tensor,
+        terms: dict[str, tuple[float, TokenTerm]],
+        values: dict[str, torch.Tensor],
     ) -> torch.Tensor:
         flat = student.reshape(-1, student.shape[-1])
-        count = max(int(kept.numel()), 1)
-        needs_grad = ctx.needs_input_grad[0]
         grad = None
-        if needs_grad:
-            grad = flat.new_empty(flat.shape) if kept.numel() == flat.shape[0] else flat.new_zeros(flat.shape)
-        total = torch.zeros((), dtype=torch.float32, device=flat.device)
+        if ctx.needs_input_grad[0]:
+            grad = flat.new_empty(flat.shape) if rows.numel() == flat.shape[0] else flat.new_zeros(flat.shape)
+        dtype = torch.promote_types(flat.dtype, torch.float32)  # float32 at least, float64 if given
+        sums = {name: torch.zeros((), dtype=dtype, device=flat.device) for name in terms}
         step = max(1, CHUNK_ELEMENTS // flat.shape[-1])
-        for begin in range(0, kept.numel(), step):
-            rows = kept[begin : begin + step]
-            log_q = F.log_softmax(flat.index_select(0, rows).float().div_(temperature), dim=-1)
-            per_token, q_minus_p = target(rows, log_q)
-            total += per_token.sum()
-            if grad is not None:
-                grad.index_copy_(0, rows, q_minus_p.mul_(temperature / count).to(grad.dtype))
+        for begin in range(0, rows.numel(), step):
+            block = rows[begin : begin + step]
+            logits = flat.index_select(0, block).to(dtype)
+            block_grad = None
+            for name, (weight, term) in terms.items():
+                value, term_grad = term(block, logits)
+                sums[name] += value
+                term_grad = term_grad.mul_(weight) if weight != 1 else term_grad
+                block_grad = term_grad if block_grad is None else block_grad.add_(term_grad)
+            if grad is not None and block_grad is not None:
+                grad.index_copy_(0, block, block_grad.to(grad.dtype))
+        values.update(sums)
         ctx.save_for_backward(grad.view(student.shape) if grad is not None else None)
-        return total * (temperature**2 / count)
+        total = torch.zeros((), dtype=dtype, device=flat.device)
+        for name, (weight, _) in terms.items():
+            total += weight * sums[name]
+        return total
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -89,31 +104,145 @@ class _ChunkedForwardKL(torch.autograd.Function):
         return grad.mul_(grad_output.to(grad.dtype)), None, None, None
 
 
-def _kept_rows(shape: torch.Size, mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    """Flat indices of the token rows that count (all of them without a mask)."""
-    rows = math.prod(shape[:-1])
+def _blockwise(
+    student: torch.Tensor, rows: torch.Tensor, terms: dict[str, tuple[float, TokenTerm]]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    values: dict[str, torch.Tensor] = {}
+    total = _BlockwiseTokenLoss.apply(student, rows, terms, values)
+    return total, values
+
+
+def _row_mask(shape: torch.Size, mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """Which token rows of `[..., vocab]` logits count, flat (all of them without a mask)."""
     if mask is None:
-        return torch.arange(rows, device=device)
+        return torch.ones(math.prod(shape[:-1]), dtype=torch.bool, device=device)
     if tuple(mask.shape) != tuple(shape[:-1]):
         raise ValueError(f"mask {tuple(mask.shape)} does not match the logits' tokens {tuple(shape[:-1])}.")
-    return mask.reshape(-1).to(device).nonzero().squeeze(-1)
+    return mask.reshape(-1).to(device).bool()
+
+
+def _mean_weights(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """1 / count on the rows that count, 0 elsewhere: a term's sum with these is its mean."""
+    weights = rows.to(torch.promote_types(like.dtype, torch.float32))
+    return weights / weights.sum().clamp_min(1.0)
+
+
+def _forward_kl_term(teacher: torch.Tensor, temperature: float, weights: torch.Tensor) -> TokenTerm:
+    """T^2 KL(p || q) against the teacher's full distribution; its gradient is T (q - p)."""
+    teacher_flat = teacher.reshape(-1, teacher.shape[-1])
+    floor = torch.finfo(torch.float32).min  # a -inf teacher logit: p = 0 and 0 * log 0 = 0
+
+    def term(rows: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = weights.index_select(0, rows)
+        log_q = F.log_softmax(logits / temperature, dim=-1)
+        log_p = F.log_softmax(teacher_flat.index_select(0, rows).to(logits.dtype).div_(temperature), dim=-1)
+        p = log_p.clamp_min_(floor).exp()
+        per_token = (p * (log_p - log_q)).sum(-1)
+        value = temperature**2 * torch.where(w > 0, per_token * w, 0.0).sum()
+        return value, log_q.exp_().sub_(p).mul_((w * temperature)[:, None])
+
+    return term
+
+
+def _topk_forward_kl_term(
+    indices: torch.Tensor, teacher_log_probs: torch.Tensor, temperature: float, weights: torch.Tensor
+) -> TokenTerm:
+    """T^2 KL over the teacher's top k plus a rest bucket, i.e. KL(p~ || q) with the rest mass
+    spread over the other tokens as the student spreads its own; its gradient is T (q - p~)."""
+    k = indices.shape[-1]
+    index_flat = indices.reshape(-1, k)
+    log_p_flat = teacher_log_probs.reshape(-1, k)
+
+    def term(rows: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = weights.index_select(0, rows)
+        index = index_flat.index_select(0, rows).long()
+        log_p = log_p_flat.index_select(0, rows).to(logits.dtype)
+        log_q_all = F.log_softmax(logits / temperature, dim=-1)
+        log_q = log_q_all.gather(-1, index)
+        log_p_rest = _log1m_exp(torch.logsumexp(log_p, dim=-1))
+        log_q_rest = _log1m_exp(torch.logsumexp(log_q, dim=-1))
+        head = _kl_from_logs(log_p, log_q)
+        rest = (log_p_rest.exp() * (log_p_rest - log_q_rest)).nan_to_num(nan=0.0)
+        value = temperature**2 * torch.where(w > 0, (head + rest) * w, 0.0).sum()
+        q_minus_p = log_q_all.exp_().mul_((1.0 - (log_p_rest - log_q_rest).exp())[:, None])
+        q_minus_p.scatter_(-1, index, log_q.exp() - log_p.exp())
+        return value, q_minus_p.mul_((w * temperature)[:, None])
+
+    return term
+
+
+def _next_token_term(targets: torch.Tensor, weights: torch.Tensor) -> TokenTerm:
+    """Cross-entropy of each row's next token (-100: none); its gradient is softmax - one-hot."""
+
+    def term(rows: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = weights.index_select(0, rows)
+        target = targets.index_select(0, rows).clamp_min(0)[:, None]
+        log_q = F.log_softmax(logits, dim=-1)
+        value = -(log_q.gather(-1, target).squeeze(-1) * w).sum()
+        grad = log_q.exp_()
+        grad.scatter_add_(-1, target, torch.full(target.shape, -1.0, dtype=grad.dtype, device=grad.device))
+        return value, grad.mul_(w[:, None])
+
+    return term
 
 
 def _full_forward_kl(
     student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask: torch.Tensor | None
 ) -> torch.Tensor:
-    teacher_flat = teacher.reshape(-1, teacher.shape[-1])
-    floor = torch.finfo(torch.float32).min  # a -inf teacher logit: p = 0 and 0 * log 0 = 0
+    kept = _row_mask(student.shape, mask, student.device)
+    term = _forward_kl_term(teacher, temperature, _mean_weights(kept, student))
+    return _blockwise(student, kept.nonzero().squeeze(-1), {"kd": (1.0, term)})[0]
 
-    def target(rows: torch.Tensor, log_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        log_p = F.log_softmax(teacher_flat.index_select(0, rows).float().div_(temperature), dim=-1)
-        log_p.clamp_min_(floor)
-        p = log_p.exp()
-        per_token = (p * (log_p - log_q)).sum(-1)
-        return per_token, log_q.exp_().sub_(p)
 
-    kept = _kept_rows(student.shape, mask, student.device)
-    return _ChunkedForwardKL.apply(student, kept, temperature, target)
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Each position's next label (the last position has none, -100): what a causal LM predicts."""
+    return torch.cat([labels[..., 1:], labels.new_full((*labels.shape[:-1], 1), -100)], dim=-1)
+
+
+def lm_distillation_loss(
+    student_logits: torch.Tensor,
+    *,
+    labels: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | None = None,
+    teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
+    temperature: float = 2.0,
+    mask: torch.Tensor | None = None,
+    kd_weight: float = 0.5,
+    clm_weight: float = 0.5,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """distilpythia's `(1 - a) L_kd + a L_clm` in one pass over the student's logits.
+
+    L_kd is the forward KL against the teacher's logits or its cached top k (`(indices,
+    log-probabilities)`), over the tokens `mask` keeps; L_clm the cross-entropy of each next
+    label (`labels` as a causal LM takes them, -100 where none), as the model's own loss is.
+    Returns the weighted total and each term's value ("kd", "clm"). A weight of 0 drops its term.
+    """
+    check_range("temperature", temperature, low=0.0, low_inclusive=False)
+    kd_rows = _row_mask(student_logits.shape, mask, student_logits.device)
+    rows = torch.zeros_like(kd_rows)
+    terms: dict[str, tuple[float, TokenTerm]] = {}
+    if kd_weight:
+        weights = _mean_weights(kd_rows, student_logits)
+        if teacher_topk is not None:
+            terms["kd"] = (kd_weight, _topk_forward_kl_term(*teacher_topk, temperature, weights))
+        elif teacher_logits is not None:
+            if teacher_logits.shape != student_logits.shape:
+                raise ValueError(
+                    f"student logits {tuple(student_logits.shape)} and teacher logits "
+                    f"{tuple(teacher_logits.shape)} differ: the models must share the vocabulary."
+                )
+            terms["kd"] = (kd_weight, _forward_kl_term(teacher_logits, temperature, weights))
+        else:
+            raise ValueError("kd_weight > 0 needs teacher_logits or teacher_topk.")
+        rows |= kd_rows
+    if clm_weight:
+        if labels is None:
+            raise ValueError("clm_weight > 0 needs the labels the next-token loss is computed on.")
+        targets = next_token_targets(labels).reshape(-1).to(student_logits.device)
+        has_target = targets != -100
+        terms["clm"] = (clm_weight, _next_token_term(targets, _mean_weights(has_target, student_logits)))
+        rows |= has_target
+    return _blockwise(student_logits, rows.nonzero().squeeze(-1), terms)
 
 
 def token_divergence(
@@ -184,25 +313,9 @@ def topk_forward_kl(
     student spreads its own, so its gradient with respect to the tempered logits is q - p~.
     """
     check_range("temperature", temperature, low=0.0, low_inclusive=False)
-    k = indices.shape[-1]
-    index_flat = indices.reshape(-1, k)
-    log_p_flat = teacher_log_probs.reshape(-1, k)
-
-    def target(rows: torch.Tensor, log_q_all: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        index = index_flat.index_select(0, rows).long()
-        log_p = log_p_flat.index_select(0, rows).float()
-        log_q = log_q_all.gather(-1, index)
-        log_p_rest = _log1m_exp(torch.logsumexp(log_p, dim=-1))
-        log_q_rest = _log1m_exp(torch.logsumexp(log_q, dim=-1))
-        head = _kl_from_logs(log_p, log_q)
-        rest = (log_p_rest.exp() * (log_p_rest - log_q_rest)).nan_to_num(nan=0.0)
-        q = log_q_all.exp_()
-        q_minus_p = q.mul_((1.0 - (log_p_rest - log_q_rest).exp())[:, None])  # outside the top k
-        q_minus_p.scatter_(-1, index, log_q.exp() - log_p.exp())
-        return head + rest, q_minus_p
-
-    kept = _kept_rows(student_logits.shape, mask, student_logits.device)
-    return _ChunkedForwardKL.apply(student_logits, kept, temperature, target)
+    kept = _row_mask(student_logits.shape, mask, student_logits.device)
+    term = _topk_forward_kl_term(indices, teacher_log_probs, temperature, _mean_weights(kept, student_logits))
+    return _blockwise(student_logits, kept.nonzero().squeeze(-1), {"kd": (1.0, term)})[0]
 
 
 @torch.no_grad()

@@ -2,8 +2,8 @@
 
 The distillation term is token-level (`kdlib.lm`): forward KL, reverse KL or generalised JSD
 against the teacher run on the same batch, or forward KL against a cached top-k teacher (batch
-fields `teacher_topk_indices`, `teacher_topk_logprobs`). The CLM term is the model's own
-next-token cross-entropy on `labels` (padding labelled -100 by the collator).
+fields `teacher_topk_indices`, `teacher_topk_logprobs`). The CLM term is the next-token
+cross-entropy on `labels` (padding labelled -100 by the collator), as the model's own loss.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from kdlib.config import ConfigError, check_choice, check_range
-from kdlib.lm import DIVERGENCES, token_divergence, topk_forward_kl
-from kdlib.trainer import DistillationArguments, DistillationTrainer
+from kdlib.lm import DIVERGENCES, lm_distillation_loss, token_divergence
+from kdlib.trainer import DistillationArguments, DistillationTrainer, forward_inputs
 
 TOPK_FIELDS = ("teacher_topk_indices", "teacher_topk_logprobs")
 
@@ -39,34 +39,69 @@ class LMDistillationArguments(DistillationArguments):
 
 
 class LMDistillationTrainer(DistillationTrainer):
-    """Distils a causal LM token by token; the student and teacher must share the vocabulary."""
+    """Distils a causal LM token by token; the student and teacher must share the vocabulary.
+
+    The forward KL and the CLM term are computed together, a block of tokens at a time
+    (`kdlib.lm.lm_distillation_loss`), not by the model's own loss: the student is run without
+    labels. Reverse KL and JSD are computed whole, beside the blockwise CLM term.
+    """
 
     def teacher_logits(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
         if all(name in inputs for name in TOPK_FIELDS):
             return {"topk_indices": inputs[TOPK_FIELDS[0]], "topk_logprobs": inputs[TOPK_FIELDS[1]]}
         return super().teacher_logits(inputs)
 
-    def distillation_loss(
-        self, student_outputs: Any, teacher: dict[str, torch.Tensor], inputs: dict[str, Any]
-    ) -> torch.Tensor:
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         args: LMDistillationArguments = self.args  # type: ignore[assignment]
+        if args.alpha_task > 0 and inputs.get("labels") is None:
+            raise ValueError(
+                f"alpha_task = {args.alpha_task} weighs a next-token loss, but the batch has no "
+                "'labels': have the collator add them (the input ids, -100 on padding), or set alpha_task=0."
+            )
+        outputs = model(**forward_inputs(model, inputs, labels=False))
+        student = outputs["logits"]
         mask = inputs.get("attention_mask")
         mask = mask.bool() if mask is not None else None
-        student = student_outputs["logits"]
-        if "topk_indices" in teacher:
-            if args.divergence != "forward":
-                raise ConfigError(
-                    f"divergence = {args.divergence!r} needs the teacher's full distribution; a top-k "
-                    "cache supports forward KL only. Run the teacher online, or use divergence='forward'."
-                )
-            indices = teacher["topk_indices"].to(student.device)
-            log_probs = teacher["topk_logprobs"].to(student.device)
-            return topk_forward_kl(student, indices, log_probs, args.temperature, mask)
-        return token_divergence(
+        teacher = self.teacher_logits(inputs) if args.alpha_ce > 0 else {}
+        blockwise_kd = args.divergence == "forward" or "topk_indices" in teacher
+        if "topk_indices" in teacher and args.divergence != "forward":
+            raise ConfigError(
+                f"divergence = {args.divergence!r} needs the teacher's full distribution; a top-k "
+                "cache supports forward KL only. Run the teacher online, or use divergence='forward'."
+            )
+        loss, values = lm_distillation_loss(
             student,
-            teacher["logits"].to(student.device),
-            args.temperature,
-            mask,
-            args.divergence,
-            args.jsd_beta,
+            labels=inputs.get("labels"),
+            teacher_logits=teacher["logits"].to(student.device) if "logits" in teacher else None,
+            teacher_topk=(
+                (teacher["topk_indices"].to(student.device), teacher["topk_logprobs"].to(student.device))
+                if "topk_indices" in teacher
+                else None
+            ),
+            temperature=args.temperature,
+            mask=mask,
+            kd_weight=args.alpha_ce if blockwise_kd else 0.0,
+            clm_weight=args.alpha_task,
         )
+        if args.alpha_ce > 0 and not blockwise_kd:
+            values["kd"] = token_divergence(
+                student,
+                teacher["logits"].to(student.device),
+                args.temperature,
+                mask,
+                args.divergence,
+                args.jsd_beta,
+            )
+            loss = loss + args.alpha_ce * values["kd"]
+        if model.training:
+            terms = {"kd": values["kd"]} if args.alpha_ce > 0 else {}
+            if args.alpha_task > 0:
+                terms["task"] = values["clm"]
+            self._record(**terms, total=loss)
+        return (loss, outputs) if return_outputs else loss

@@ -8,7 +8,7 @@ import torch
 import kdlib.lm
 from kdlib.config import ConfigError
 from kdlib.data import DataError
-from kdlib.lm import token_divergence, topk_forward_kl, topk_teacher
+from kdlib.lm import lm_distillation_loss, token_divergence, topk_forward_kl, topk_teacher
 from kdlib.lm_data import load_lm_documents, pack, pad_truncate, wikitext_articles
 
 P = [0.7, 0.2, 0.1]  # teacher
@@ -132,6 +132,46 @@ def test_blockwise_kl_and_its_gradient_equal_autograd_of_the_formula(small_block
         assert torch.allclose(grad, student.grad, atol=1e-7, rtol=1e-6)
         assert grad[~mask].abs().max() == 0  # padding gets no gradient
         student.grad = None
+
+
+def test_kd_plus_clm_in_one_pass_equals_autograd_of_the_weighted_sum(small_blocks):
+    torch.manual_seed(2)
+    student = torch.randn(2, 5, 50, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(2, 5, 50, dtype=torch.float64) * 2
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]).bool()
+    labels = torch.tensor([[3, 7, 1, 0, 9], [4, 4, 8, -100, -100]])
+    total, values = lm_distillation_loss(
+        student,
+        labels=labels,
+        teacher_logits=teacher,
+        mask=mask,
+        temperature=2.0,
+        kd_weight=0.3,
+        clm_weight=0.7,
+    )
+    total.backward()
+    grad, student.grad = student.grad.clone(), None
+    kd = plain_forward_kl(student, teacher, 2.0, mask)
+    # what a causal LM's own loss is: position t predicts label t + 1
+    clm = torch.nn.functional.cross_entropy(student[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1))
+    (0.3 * kd + 0.7 * clm).backward()
+    assert values["kd"].item() == pytest.approx(kd.item(), rel=1e-9)
+    assert values["clm"].item() == pytest.approx(clm.item(), rel=1e-9)
+    assert total.item() == pytest.approx(0.3 * kd.item() + 0.7 * clm.item(), rel=1e-9)
+    assert torch.allclose(grad, student.grad, atol=1e-9, rtol=1e-7)
+
+
+def test_a_zero_weight_drops_its_term():
+    student, teacher = torch.randn(1, 4, 9), torch.randn(1, 4, 9)
+    labels = torch.tensor([[1, 2, 3, 4]])
+    total, values = lm_distillation_loss(
+        student, labels=labels, teacher_logits=teacher, kd_weight=0.0, clm_weight=1.0
+    )
+    assert set(values) == {"clm"} and total.item() == pytest.approx(values["clm"].item())
+    with pytest.raises(ValueError, match="labels"):
+        lm_distillation_loss(student, teacher_logits=teacher, clm_weight=0.5)
+    with pytest.raises(ValueError, match="teacher"):
+        lm_distillation_loss(student, labels=labels, kd_weight=0.5)
 
 
 def test_blockwise_kl_keeps_the_logits_dtype_and_needs_no_grad():
