@@ -33,6 +33,7 @@ from kdlib.lm_data import pack, pad_truncate
 from kdlib.lm_trainer import LMDistillationArguments, LMDistillationTrainer
 from kdlib.recipes.distilpythia import LMExperimentConfig
 from kdlib.recipes.layers import LayerExperimentConfig
+from kdlib.recipes.squad import SquadDistillationConfig
 from kdlib.recipes.theseus import TheseusExperimentConfig
 from kdlib.registry import ModelNotAvailableError, resolve_model
 from kdlib.stack import keep_layers
@@ -225,6 +226,10 @@ def unknown_divergence(tmp):
     LMDistillationArguments(output_dir=str(tmp / "out"), divergence="tv")
 
 
+def unknown_teacher_precision(tmp):
+    SquadDistillationConfig(teacher_precision="fp16")
+
+
 def distillation_runs_without_a_distillation_term(tmp):
     LMExperimentConfig(alpha_clm=1.0)
 
@@ -270,6 +275,7 @@ CASES = [
     (warm_start_layer_out_of_range, ConfigError, r"keep_layers = \[0, 3\]", "0..0"),
     (layer_list_not_increasing, ConfigError, "teacher_layers", "distinct and increasing"),
     (unknown_divergence, ConfigError, "divergence = 'tv'", "forward"),
+    (unknown_teacher_precision, ConfigError, "teacher_precision = 'fp16'", "bfloat16"),
     (distillation_runs_without_a_distillation_term, ConfigError, "alpha_clm = 1.0", "a < 1"),
     (unknown_lm_run, ConfigError, "kd-shuffled", "kd-padded"),
     (unknown_zero_shot_task, ConfigError, "sciq", "openbook_qa"),

@@ -304,3 +304,20 @@ def test_aligned_tokenization_allows_other_ids_but_not_other_pieces(tiny_tokeniz
     other = make_tokenizer([w for w in WORDS if w != "tower"])
     with pytest.raises(ValueError, match="tokenise 'the tower"):
         check_aligned_tokenization(tiny_tokenizer, other, ["the tower was built"])
+
+
+def test_teacher_precision_is_part_of_the_cache_key(tmp_path, tiny_qa_pair, tiny_tokenizer):
+    from kdlib.cache import TeacherOutputCache
+    from kdlib.recipes.squad import teacher_span_logits
+
+    teacher, _ = tiny_qa_pair
+    windows, _ = dataset(tiny_tokenizer)
+    cache = TeacherOutputCache(tmp_path)
+    full = teacher_span_logits(teacher, windows, 0, cache, precision="float32")
+    half = teacher_span_logits(teacher, windows, 0, cache, precision="bfloat16")
+    assert cache.hits == 0  # the bfloat16 pass is not served the float32 entry
+    assert half["start_logits"].dtype == np.float32
+    assert not np.array_equal(full["start_logits"], half["start_logits"])
+    np.testing.assert_allclose(half["start_logits"], full["start_logits"], atol=0.1)
+    teacher_span_logits(teacher, windows, 0, cache, precision="bfloat16")
+    assert cache.hits == 1
