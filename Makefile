@@ -53,6 +53,7 @@ notebooks: setup
 
 # distillation's cost against its limit, as ratios (QA and causal LM; ~15 minutes on 2 cores)
 bench: setup
+	$(PY) -m pip install --quiet --no-deps -r requirements-bench.txt
 	mkdir -p _build
 	$(PY) -m bench --json _build/bench.json
 

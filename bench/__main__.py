@@ -29,7 +29,16 @@ from typing import Any
 
 import torch
 
-from bench.measure import blog_run, in_own_process, kdlib_run, lm_steps, qa_first_step_losses, qa_steps
+from bench.measure import (
+    blog_run,
+    in_own_process,
+    kdlib_run,
+    lm_steps,
+    qa_first_step_losses,
+    qa_steps,
+    textbrewer_run,
+)
+from kdlib.runtime import keep_freed_memory
 
 
 def main() -> None:
@@ -42,6 +51,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=3.0, help="epochs of the whole-run comparison")
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
     opts = parser.parse_args()
+    keep_freed_memory()  # as the book runs (kdlib.runtime); the whole runs' processes inherit it
     report: dict[str, Any] = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
         f"GPU: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}",
@@ -53,13 +63,17 @@ def main() -> None:
         blog = in_own_process(blog_run, opts.windows, opts.epochs)
         ours = in_own_process(kdlib_run, opts.windows, opts.epochs, False)
         ours_bf16 = in_own_process(kdlib_run, opts.windows, opts.epochs, True)
+        peer = in_own_process(textbrewer_run, opts.windows, opts.epochs)
         report["qa_whole_run"] = {
             "blog": blog,
             "kdlib": ours,
             "kdlib_bf16_teacher": ours_bf16,
+            "textbrewer": peer,
             "speedup": blog["seconds"] / ours["seconds"],
             "speedup_bf16_teacher": blog["seconds"] / ours_bf16["seconds"],
         }
+        if "seconds" in peer:
+            report["qa_whole_run"]["textbrewer_over_kdlib"] = peer["seconds"] / ours["seconds"]
     if opts.setting in ("lm", "all"):
         report["lm_steps"] = lm_steps(opts.steps)
     print(json.dumps(report, indent=2))

@@ -266,6 +266,70 @@ def kdlib_run(windows: int, epochs: float, teacher_bf16: bool) -> dict[str, Any]
     }
 
 
+def textbrewer_run(windows: int, epochs: float) -> dict[str, Any]:
+    """The same run with TextBrewer 0.2.1's `BasicDistiller`, the field's distillation toolkit.
+
+    Its fastest setting: teacher logits computed once for every batch (`is_caching_logits`),
+    batches padded per batch in random order (TextBrewer has no length grouping), the same
+    optimiser and schedule. Its soft loss is the tempered cross-entropy summed over the start
+    and end logits, without T^2: its weight is set so the gradient matches the others'.
+    """
+    try:
+        from textbrewer import BasicDistiller, DistillationConfig, TrainingConfig
+    except ImportError as err:
+        return {"skipped": f"{err}: pip install --no-deps -r requirements-bench.txt"}
+    from torch.utils.data import DataLoader
+    from transformers import get_linear_schedule_with_warmup
+
+    from kdlib.batching import PadCollator
+    from kdlib.recipes.squad import load_qa_model, window_dataset
+
+    cfg, teacher, tokenizer, data = _qa_data(windows)
+    reset_peak()
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    student, _ = load_qa_model(cfg.student)
+    loader = DataLoader(
+        window_dataset(data.train, None),
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        collate_fn=PadCollator(tokenizer.pad_token_id),
+    )
+
+    def adaptor(batch: dict, outputs: Any) -> dict[str, Any]:
+        return {"logits": [outputs.start_logits, outputs.end_logits], "losses": [outputs.loss]}
+
+    steps = int(len(loader) * epochs)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    with tempfile.TemporaryDirectory() as tmp:
+        distiller = BasicDistiller(
+            train_config=TrainingConfig(device="cpu", log_dir=None, output_dir=tmp),
+            distill_config=DistillationConfig(
+                temperature=cfg.temperature,
+                kd_loss_type="ce",
+                kd_loss_weight=cfg.alpha_ce * cfg.temperature**2 / 2,  # DistilBERT's T^2, mean of two
+                hard_label_weight=cfg.alpha_squad,
+                is_caching_logits=True,
+            ),
+            model_T=teacher,
+            model_S=student,
+            adaptor_T=adaptor,
+            adaptor_S=adaptor,
+        )
+        with distiller:
+            distiller.train(
+                optimizer,
+                loader,
+                num_epochs=int(epochs),
+                scheduler_class=get_linear_schedule_with_warmup,
+                scheduler_args={
+                    "num_warmup_steps": int(cfg.warmup_ratio * steps),
+                    "num_training_steps": steps,
+                },
+            )
+    return {"seconds": time.perf_counter() - started, "peak_mb": peak_mb(), "steps": steps}
+
+
 def in_own_process(target: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
     """`target(*args)` in a fresh process (its peak memory is its own); its error is raised here."""
     context = multiprocessing.get_context("spawn")
