@@ -53,8 +53,9 @@ CHUNK_ELEMENTS = 1 << 20
 """Logits per block of `_BlockwiseTokenLoss` (4 MB in float32): small enough to stay in cache."""
 
 TokenTerm = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-"""(flat indices of a block of token rows, their float32 logits) -> (the term's weighted sum over
-those rows, its gradient with respect to those logits). A term must not change the logits."""
+"""(flat indices of a block of token rows, their logits in float32, or float64 if given) -> (the
+term's weighted sum over those rows, its gradient with respect to those logits). A term must not
+change the logits."""
 
 
 class _BlockwiseTokenLoss(torch.autograd.Function):
@@ -100,6 +101,9 @@ class _BlockwiseTokenLoss(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+        if getattr(ctx, "consumed", False):  # the gradient is scaled in place: only once
+            raise RuntimeError("a blockwise token loss can be backpropagated once; recompute it.")
+        ctx.consumed = True
         (grad,) = ctx.saved_tensors
         return grad.mul_(grad_output.to(grad.dtype)), None, None, None
 

@@ -177,8 +177,11 @@ def test_a_zero_weight_drops_its_term():
 def test_blockwise_kl_keeps_the_logits_dtype_and_needs_no_grad():
     student = torch.randn(4, 30).bfloat16().requires_grad_()
     teacher = torch.randn(4, 30).bfloat16()
-    token_divergence(student, teacher).backward()
+    loss = token_divergence(student, teacher)
+    loss.backward(retain_graph=True)
     assert student.grad.dtype == torch.bfloat16 and student.grad.abs().sum() > 0
+    with pytest.raises(RuntimeError, match="once"):  # the kept gradient was scaled in place
+        loss.backward()
     with torch.no_grad():
         assert token_divergence(student, teacher).item() > 0
 
