@@ -16,6 +16,7 @@ models can be compared example by example; lm-eval reports each metric's standar
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import os
@@ -101,6 +102,16 @@ def _quiet() -> Iterator[None]:
             logger.setLevel(level)
         if bars:
             datasets.utils.logging.enable_progress_bar()
+
+
+@functools.lru_cache(maxsize=2)
+def _task_manager(with_builtin_tasks: bool) -> Any:
+    """One lm-eval TaskManager per process: indexing lm-eval's thousands of task files takes
+    5-7 s, which `simple_evaluate` would pay for every model scored. Tasks over the local files
+    are whole configs and need no index."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_defaults=with_builtin_tasks)
 
 
 def task_config(task: str, path: Path) -> dict[str, Any]:
@@ -204,6 +215,7 @@ def evaluate_zero_shot(
             results = lm_eval.simple_evaluate(
                 model=lm,
                 tasks=specs,
+                task_manager=_task_manager(with_builtin_tasks=not local),
                 samples=samples if local else None,
                 limit=None if local else per_task,
                 bootstrap_iters=1000,
