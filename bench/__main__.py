@@ -10,7 +10,9 @@ step by step (the machine is noisy; only ratios taken together mean anything):
   forward in float32 vs bfloat16; a whole 3-epoch run with `kdlib` (teacher logits computed
   once, cached; windows padded per length-grouped batch) vs the blog's `DistillationTrainer`
   (`bench/blog_trainer.py`: teacher in float32 on every step, windows padded to 192), with their
-  losses on one padding-free first batch compared, and each run's peak memory;
+  losses on one padding-free first batch compared, and each run's peak memory; and the same
+  run with TextBrewer's `BasicDistiller` (teacher logits cached, its fastest setting) as the
+  field's peer (`pip install --no-deps -r requirements-bench.txt`; skipped without it);
 - causal LM (chapter 3: SmolLM2-135M teacher, 24-layer student, 8 x 128 packed WikiText, bf16):
   online KD step / (CLM step + teacher forward); cached top-k KD step / CLM step; the cache's
   size per token, and how much of the full-vocabulary KL a top-k cache keeps.
