@@ -37,7 +37,7 @@ book: setup
 	$(PY) -m bookrun build --profile $(PROFILE)
 
 test: setup
-	$(VENV)/bin/ruff check kdlib bookrun bench tests
+	$(VENV)/bin/ruff check kdlib bookrun bench tests book/experiments
 	$(PY) -m pytest -q
 
 chapter: setup
@@ -47,7 +47,7 @@ params: setup
 	$(PY) -m bookrun params $(CH)
 
 teacher: setup
-	$(PY) -m kdlib.recipes.train_teacher
+	$(PY) -m experiments.ch1_teacher
 
 notebooks: setup
 	$(PY) -m bookrun notebooks --profile $(PROFILE) --out _build/notebooks

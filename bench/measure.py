@@ -84,16 +84,15 @@ def _train_step(trainer: Any, model: torch.nn.Module, optimizer: Any, batch: dic
 
 def _qa_config(windows: int) -> Any:
     from bookrun.chapters import CHAPTERS
-    from bookrun.params import resolve
-    from kdlib.config import from_mapping
-    from kdlib.recipes.squad import SquadDistillationConfig
+    from bookrun.params import chapter_config, resolve
 
     values = resolve(CHAPTERS["ch1"], "default", {**QA_OVERRIDES, "max_train_windows": windows})
-    return from_mapping(SquadDistillationConfig, values)
+    return chapter_config(CHAPTERS["ch1"], **values)
 
 
 def _qa_data(windows: int) -> tuple[Any, Any, Any, Any]:
-    from kdlib.recipes.squad import load_qa_model, prepare_data
+    from experiments.ch1_distilbert_squad import prepare_data
+    from kdlib.qa_teacher import load_qa_model
 
     cfg = _qa_config(windows)
     teacher, tokenizer = load_qa_model(cfg.teacher)
@@ -103,7 +102,7 @@ def _qa_data(windows: int) -> tuple[Any, Any, Any, Any]:
 
 def qa_steps(steps: int) -> dict[str, Any]:
     from kdlib.batching import PadCollator
-    from kdlib.recipes.squad import load_qa_model, span_logits, window_dataset
+    from kdlib.qa_teacher import load_qa_model, span_logits, window_dataset
     from kdlib.trainer import DistillationTrainer, forward_inputs
 
     cfg, teacher, tokenizer, data = _qa_data((steps + 1) * BATCH)
@@ -175,7 +174,7 @@ def blog_run(windows: int, epochs: float) -> dict[str, Any]:
     from transformers import PrinterCallback, TrainingArguments
 
     from bench.blog_trainer import BlogDistillationTrainer, FixedLengthCollator
-    from kdlib.recipes.squad import load_qa_model, window_dataset
+    from kdlib.qa_teacher import load_qa_model, window_dataset
 
     cfg, teacher, tokenizer, data = _qa_data(windows)
     reset_peak()  # the run's own memory: models and data are loaded alike in both
@@ -225,7 +224,7 @@ def kdlib_run(windows: int, epochs: float, teacher_bf16: bool) -> dict[str, Any]
 
     from kdlib.batching import PadCollator
     from kdlib.cache import TeacherOutputCache
-    from kdlib.recipes.squad import load_qa_model, teacher_span_logits, window_dataset
+    from kdlib.qa_teacher import load_qa_model, teacher_span_logits, window_dataset
     from kdlib.trainer import DistillationTrainer
 
     cfg, teacher, tokenizer, data = _qa_data(windows)
@@ -282,7 +281,7 @@ def textbrewer_run(windows: int, epochs: float) -> dict[str, Any]:
     from transformers import get_linear_schedule_with_warmup
 
     from kdlib.batching import PadCollator
-    from kdlib.recipes.squad import load_qa_model, window_dataset
+    from kdlib.qa_teacher import load_qa_model, window_dataset
 
     cfg, teacher, tokenizer, data = _qa_data(windows)
     reset_peak()
@@ -340,7 +339,7 @@ def in_own_process(target: Callable[..., dict[str, Any]], *args: Any) -> dict[st
 def qa_first_step_losses() -> dict[str, float]:
     """Both trainers' loss on one batch of full-length windows (no padding), same weights."""
     from bench.blog_trainer import BlogDistillationTrainer, FixedLengthCollator
-    from kdlib.recipes.squad import load_qa_model, window_dataset
+    from kdlib.qa_teacher import load_qa_model, window_dataset
     from kdlib.trainer import DistillationTrainer
 
     cfg, teacher, tokenizer, data = _qa_data(400)
@@ -377,9 +376,8 @@ def lm_steps(steps: int, topk: int = 64) -> dict[str, Any]:
     from kdlib.lm_cache import compute_topk
     from kdlib.lm_data import load_lm_documents, pack
     from kdlib.lm_trainer import LMDistillationArguments, LMDistillationTrainer
-    from kdlib.recipes.distilpythia import middle_block
     from kdlib.registry import load_pretrained
-    from kdlib.stack import keep_layers
+    from kdlib.stack import keep_layers, middle_block
 
     teacher, tokenizer = load_pretrained("smollm2-135m", AutoModelForCausalLM)
     teacher.eval().requires_grad_(False)

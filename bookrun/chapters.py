@@ -33,10 +33,10 @@ class Chapter:
 CHAPTERS: dict[str, Chapter] = {
     c.key: c
     for c in (
-        Chapter("ch1", "ch1_distilbert_squad", "kdlib.recipes.squad:SquadDistillationConfig"),
-        Chapter("ch2", "ch2_layer_distillation", "kdlib.recipes.layers:LayerExperimentConfig"),
-        Chapter("ch3", "ch3_distilpythia", "kdlib.recipes.distilpythia:LMExperimentConfig"),
-        Chapter("ch4", "ch4_theseus", "kdlib.recipes.theseus:TheseusExperimentConfig"),
+        Chapter("ch1", "ch1_distilbert_squad", "experiments.ch1_distilbert_squad:SquadDistillationConfig"),
+        Chapter("ch2", "ch2_layer_distillation", "experiments.ch2_layer_distillation:LayerExperimentConfig"),
+        Chapter("ch3", "ch3_distilpythia", "experiments.ch3_distilpythia:LMExperimentConfig"),
+        Chapter("ch4", "ch4_theseus", "experiments.ch4_theseus:TheseusExperimentConfig"),
     )
 }
 

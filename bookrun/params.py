@@ -1,15 +1,18 @@
 """A chapter's parameters: read from its parameters cell, set by a profile, checked up front.
 
 papermill alone only warns about a parameter the notebook does not declare and never checks a
-type or a range. Here the parameters cell (annotated assignments with a comment each) names
-and documents the parameters, the chapter's configuration dataclass checks types and ranges,
-and both run before a kernel starts.
+type or a range. Here the parameters cell (annotated assignments with a comment each) names,
+documents and sets the default of every parameter: it is the one place a default is written.
+The chapter's configuration dataclass declares the same names without defaults and checks
+types and ranges; a profile file sets only what differs from the defaults. All of it runs
+before a kernel starts.
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,17 +27,32 @@ from kdlib.config import ConfigError, from_mapping
 
 def declared_parameters(chapter: Chapter) -> dict[str, dict[str, Any]]:
     """name -> {type, default, help} from the chapter source's `parameters` cell."""
+    return _declared(chapter.source, chapter.source.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _declared(source: Path, modified: int) -> dict[str, dict[str, Any]]:
     with tempfile.TemporaryDirectory() as scratch:
-        notebook = Path(scratch) / f"{chapter.stem}.ipynb"
-        jupytext.write(jupytext.read(chapter.source), notebook)
+        notebook = Path(scratch) / f"{source.stem}.ipynb"
+        jupytext.write(jupytext.read(source), notebook)
         inspected = papermill.inspect_notebook(str(notebook))
     found = {
         name: {"type": p["inferred_type_name"], "default": p["default"], "help": p["help"]}
         for name, p in inspected.items()
     }
     if not found:
-        raise ConfigError(f"{chapter.source} has no cell tagged 'parameters'.")
+        raise ConfigError(f"{source} has no cell tagged 'parameters'.")
     return found
+
+
+def chapter_defaults(chapter: Chapter) -> dict[str, Any]:
+    """name -> default value, as the chapter's parameters cell writes it."""
+    return {name: ast.literal_eval(info["default"]) for name, info in declared_parameters(chapter).items()}
+
+
+def chapter_config(chapter: Chapter, **values: Any) -> Any:
+    """The chapter's configuration: its parameters cell's defaults, then `values`; checked."""
+    return from_mapping(chapter.config_class(), values, defaults=chapter_defaults(chapter))
 
 
 def parse_value(text: str) -> Any:
@@ -70,7 +88,7 @@ def resolve(
             f"unknown parameter(s) {unknown} for chapter {chapter.key}; its parameters are: "
             f"{sorted(declared)} (list them with `python -m bookrun params {chapter.key}`)."
         )
-    config = from_mapping(chapter.config_class(), values)
+    config = chapter_config(chapter, **values)
     # the config may normalise values (ints given for floats): inject what it accepted
     return {name: getattr(config, name) for name in values}
 
@@ -91,7 +109,8 @@ def describe(chapter: Chapter) -> str:
 
 
 def check_consistency(chapter: Chapter) -> None:
-    """The parameters cell and the configuration class declare the same names and defaults."""
+    """The parameters cell and the configuration class declare the same names, and the class
+    sets no default of its own (the cell's are the only ones)."""
     declared = declared_parameters(chapter)
     cls = chapter.config_class()
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -100,11 +119,13 @@ def check_consistency(chapter: Chapter) -> None:
             f"{chapter.source.name} declares {sorted(set(declared) - set(fields))} that "
             f"{cls.__name__} lacks, and lacks {sorted(set(fields) - set(declared))}."
         )
-    defaults = cls()
-    for name, info in declared.items():
-        value = ast.literal_eval(info["default"])
-        if value != getattr(defaults, name):
-            raise ConfigError(
-                f"{chapter.source.name}: default of {name} is {info['default']} but "
-                f"{cls.__name__} says {getattr(defaults, name)!r}."
-            )
+    own = [
+        name
+        for name, f in fields.items()
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    ]
+    if own:
+        raise ConfigError(
+            f"{cls.__name__} sets defaults for {own}: the parameters cell of {chapter.source.name} "
+            "is the one place for a default."
+        )

@@ -87,14 +87,15 @@ def provenance_box(chapter: Chapter, metrics: dict[str, Any]) -> str:
     params_file = chapter.params_file(profile)
     chosen = yaml.safe_load(params_file.read_text()) if params_file.is_file() else {}
     values = metrics["parameters"]
-    shown = ", ".join(f"`{k}={values[k]}`" for k in chosen if k in values) or "the defaults"
+    shown = ", ".join(f"`{k}={values[k]}`" for k in chosen or {} if k in values)
+    sets = f"which sets {shown}" if shown else "the parameters cell's defaults"
     hw = metrics["hardware"]
     versions = ", ".join(f"{k} {v}" for k, v in metrics["versions"].items())
     return "\n".join(
         [
             ":::{admonition} Provenance of this page",
             ":class: note",
-            f"- **profile** `{profile}`, which sets {shown} (every parameter is in `metrics.json`)",
+            f"- **profile** `{profile}`, {sets} (every parameter is in `metrics.json`)",
             f"- **hardware** {hw['processor']}, {hw['torch_threads']} threads, {hw.get('gpu') or 'no GPU'}",
             f"- **wall time** {_minutes(metrics['wall_time_s'])}, peak memory "
             f"{metrics['peak_memory_mb'] / 1024:.1f} GB",

@@ -11,11 +11,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoModelForSequenceClassification, PrinterCallback, TrainerCallback
+from transformers import AutoModelForSequenceClassification, TrainerCallback
 
 from kdlib.batching import FeatureDataset, PadCollator, RaggedArray, inference_batches
 from kdlib.registry import load_pretrained
-from kdlib.trainer import DistillationArguments, DistillationTrainer
+from kdlib.trainer import DistillationTrainer, quiet_arguments
 
 
 def load_classifier(name: str, num_labels: int = 2) -> tuple[torch.nn.Module, Any]:
@@ -75,7 +75,7 @@ def fine_tune(
 ) -> DistillationTrainer:
     """`steps` AdamW steps on the gold labels alone (10% warmup, linear decay, length-grouped
     batches); returns the trainer, whose `state.log_history` holds the loss curve."""
-    args = DistillationArguments(
+    args = quiet_arguments(
         output_dir=output_dir,
         per_device_train_batch_size=batch_size,
         learning_rate=learning_rate,
@@ -83,14 +83,10 @@ def fine_tune(
         warmup_steps=0.1,
         weight_decay=0.01,
         logging_steps=max(1, steps // 10),
-        save_strategy="no",
         seed=seed,
         alpha_ce=0.0,
         alpha_task=1.0,
         train_sampling_strategy="group_by_length",
-        dataloader_pin_memory=torch.cuda.is_available(),
-        disable_tqdm=True,
-        report_to="none",
     )
     trainer = trainer_class(
         model=model,
@@ -99,6 +95,5 @@ def fine_tune(
         data_collator=PadCollator(pad_token_id),
         callbacks=callbacks,
     )
-    trainer.remove_callback(PrinterCallback)
     trainer.train()
     return trainer

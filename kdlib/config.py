@@ -70,11 +70,12 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
-def from_mapping(cls: type[T], values: Mapping[str, Any]) -> T:
-    """Build dataclass `cls` from `values`, rejecting unknown names and wrong types by name.
+def from_mapping(cls: type[T], values: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> T:
+    """Build dataclass `cls` from `values` over `defaults`, rejecting unknown names and wrong types.
 
     Ints are accepted for float fields (and converted), as YAML and the command line write
-    `4` for a temperature of 4.0. Range checks are the dataclass's own `__post_init__`.
+    `4` for a temperature of 4.0. Range checks are the dataclass's own `__post_init__`. A
+    field that neither `values`, `defaults` nor the dataclass sets is named in the error.
     """
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(values) - set(fields))
@@ -82,6 +83,16 @@ def from_mapping(cls: type[T], values: Mapping[str, Any]) -> T:
         raise ConfigError(
             f"unknown parameter(s) {unknown} for {cls.__name__}; known parameters are: {sorted(fields)}."
         )
+    values = {**{k: v for k, v in (defaults or {}).items() if k in fields}, **values}
+    unset = [
+        name
+        for name, f in fields.items()
+        if name not in values
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if unset:
+        raise ConfigError(f"{cls.__name__} needs a value for {unset}.")
     hints = typing.get_type_hints(cls)
     converted = {}
     for name, value in values.items():

@@ -50,6 +50,21 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
     return path
 
 
+def _hub_rows(name: str, hub_id: str, split: str, *config: str) -> Any:
+    """A split of a hub data set, after checking the hub can be reached (fails fast offline)."""
+    require_hub(f"the {name} {split} split ({hub_id})")
+    import datasets
+
+    return datasets.load_dataset(hub_id, *config, split=split)
+
+
+def _mirror_file(root: Path, files: dict[str, str], split: str) -> Path:
+    path = root / files[split]
+    if not path.is_file():
+        raise DataError(f"{path} does not exist: the data directory lacks {files[split]}.")
+    return path
+
+
 def load_squad(split: str = "validation", data_dir: str | os.PathLike | None = None) -> list[dict]:
     """SQuAD v1.1 questions in file order, each with `article` (index of its article).
 
@@ -65,10 +80,7 @@ def load_squad(split: str = "validation", data_dir: str | os.PathLike | None = N
                 "the full train split from the hub."
             )
         return _read_official_json(root / SQUAD_FILE)
-    require_hub(f"the SQuAD v1.1 {split} split ({SQUAD_HUB_ID})")
-    import datasets
-
-    rows = datasets.load_dataset(SQUAD_HUB_ID, split=split)
+    rows = _hub_rows("SQuAD v1.1", SQUAD_HUB_ID, split)
     titles: dict[str, int] = {}
     examples = []
     for row in rows:
@@ -158,14 +170,9 @@ def load_sst2(split: str = "train", data_dir: str | os.PathLike | None = None) -
         raise DataError(f"split={split!r}: SST-2 has {sorted(SST2_FILES)}.")
     root = resolve_data_dir(data_dir)
     if root is None:
-        require_hub(f"the SST-2 {split} split ({SST2_HUB_ID})")
-        import datasets
-
-        rows = datasets.load_dataset(SST2_HUB_ID, split=split)
+        rows = _hub_rows("SST-2", SST2_HUB_ID, split)
         return [{"sentence": r["sentence"], "label": int(r["label"])} for r in rows]
-    path = root / SST2_FILES[split]
-    if not path.is_file():
-        raise DataError(f"{path} does not exist: the data directory lacks {SST2_FILES[split]}.")
+    path = _mirror_file(root, SST2_FILES, split)
     examples = []
     lines = path.read_text(encoding="utf-8").split("\n")
     for number, line in enumerate(lines[1:], start=2):
@@ -187,10 +194,7 @@ def load_banking77(split: str = "train", data_dir: str | os.PathLike | None = No
         raise DataError(f"split={split!r}: Banking77 has {sorted(BANKING77_FILES)}.")
     root = resolve_data_dir(data_dir)
     if root is None:
-        require_hub(f"the Banking77 {split} split ({BANKING77_HUB_ID})")
-        import datasets
-
-        rows = datasets.load_dataset(BANKING77_HUB_ID, split=split)
+        rows = _hub_rows("Banking77", BANKING77_HUB_ID, split)
         names = rows.features["label"].names
         pairs = [(r["text"], names[r["label"]]) for r in rows]
         categories = sorted(names)
@@ -206,9 +210,7 @@ def load_banking77(split: str = "train", data_dir: str | os.PathLike | None = No
 
 
 def _read_banking77_csv(root: Path, split: str) -> list[tuple[str, str]]:
-    path = root / BANKING77_FILES[split]
-    if not path.is_file():
-        raise DataError(f"{path} does not exist: the data directory lacks {BANKING77_FILES[split]}.")
+    path = _mirror_file(root, BANKING77_FILES, split)
     reader = csv.reader(io.StringIO(path.read_text(encoding="utf-8")))
     header = next(reader, None)
     if header != ["text", "category"]:
@@ -233,14 +235,9 @@ def load_iflytek(split: str = "train", data_dir: str | os.PathLike | None = None
         raise DataError(f"split={split!r}: iflytek has {sorted(IFLYTEK_FILES)}.")
     root = resolve_data_dir(data_dir)
     if root is None:
-        require_hub(f"the CLUE iflytek {split} split ({IFLYTEK_HUB_ID})")
-        import datasets
-
-        rows = datasets.load_dataset(IFLYTEK_HUB_ID, "iflytek", split=split)
+        rows = _hub_rows("CLUE iflytek", IFLYTEK_HUB_ID, split, "iflytek")
         return [{"sentence": r["sentence"], "label": int(r["label"])} for r in rows]
-    path = root / IFLYTEK_FILES[split]
-    if not path.is_file():
-        raise DataError(f"{path} does not exist: the data directory lacks {IFLYTEK_FILES[split]}.")
+    path = _mirror_file(root, IFLYTEK_FILES, split)
     examples = []
     # split on "\n" only: the descriptions contain U+2028, which str.splitlines would break on
     for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):

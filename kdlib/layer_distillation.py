@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from kdlib.alignment import (
@@ -23,6 +24,9 @@ from kdlib.alignment import (
     layer_loss_matrix,
     select_teacher_layers,
 )
+from kdlib.batching import RaggedArray
+from kdlib.cache import TeacherOutputCache, cache_key, model_fingerprint, sequences_fingerprint
+from kdlib.classification import forward_all
 from kdlib.config import ConfigError, check_choice, check_range
 from kdlib.trainer import TEACHER_PREFIX, DistillationArguments, DistillationTrainer, forward_inputs
 
@@ -66,6 +70,34 @@ class LayerDistillationArguments(DistillationArguments):
                 f"teacher_layers = {self.teacher_layers} lists {len(self.teacher_layers)} layers but "
                 f"num_teacher_layers = {self.num_teacher_layers}."
             )
+
+
+def cached_teacher_states(
+    teacher: torch.nn.Module, columns: dict[str, list], pad_token_id: int, cache: TeacherOutputCache
+) -> dict[str, Any]:
+    """The teacher's logits and every layer's hidden states on `columns`, computed once.
+
+    Every layer is kept (float16, ragged by sentence length), so that strategies which draw
+    their teacher layers at random can ask for any of them. Returns the two training columns
+    `LayerDistillationTrainer` reads, `teacher_logits` and `teacher_hidden_states`, and the
+    states' size in MB.
+    """
+    key = cache_key(
+        kind="sequence-classification-hidden",
+        teacher=model_fingerprint(teacher),
+        inputs=sequences_fingerprint(columns["input_ids"]),
+    )
+
+    def compute() -> dict[str, np.ndarray]:
+        out = forward_all(teacher, columns, pad_token_id, hidden=True)
+        return {"logits": out["logits"], "hidden": out["hidden"].values, "offsets": out["hidden"].offsets}
+
+    stored = cache.get_or_compute(key, compute)
+    return {
+        "teacher_logits": list(stored["logits"]),
+        HIDDEN_KEY: RaggedArray(stored["hidden"], stored["offsets"]),
+        "megabytes": stored["hidden"].nbytes / 2**20,
+    }
 
 
 def add_projection(student: torch.nn.Module, teacher_width: int) -> torch.nn.Linear:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from kdlib.batching import inference_batches
 from kdlib.config import ConfigError, check_choice, check_range
 
 DIVERGENCES = ("forward", "reverse", "jsd")
@@ -211,10 +212,11 @@ def lm_distillation_loss(
     teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
     temperature: float = 2.0,
     mask: torch.Tensor | None = None,
-    kd_weight: float = 0.5,
-    clm_weight: float = 0.5,
+    alpha_ce: float = 0.5,
+    alpha_task: float = 0.5,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """distilpythia's `(1 - a) L_kd + a L_clm` in one pass over the student's logits.
+    """distilpythia's `(1 - a) L_kd + a L_clm` in one pass over the student's logits
+    (`alpha_ce` = 1 - a, `alpha_task` = a: the same two weights as every kdlib loss).
 
     L_kd is the forward KL against the teacher's logits or its cached top k (`(indices,
     log-probabilities)`), over the tokens `mask` keeps; L_clm the cross-entropy of each next
@@ -225,26 +227,26 @@ def lm_distillation_loss(
     kd_rows = _row_mask(student_logits.shape, mask, student_logits.device)
     rows = torch.zeros_like(kd_rows)
     terms: dict[str, tuple[float, TokenTerm]] = {}
-    if kd_weight:
+    if alpha_ce:
         weights = _mean_weights(kd_rows, student_logits)
         if teacher_topk is not None:
-            terms["kd"] = (kd_weight, _topk_forward_kl_term(*teacher_topk, temperature, weights))
+            terms["kd"] = (alpha_ce, _topk_forward_kl_term(*teacher_topk, temperature, weights))
         elif teacher_logits is not None:
             if teacher_logits.shape != student_logits.shape:
                 raise ValueError(
                     f"student logits {tuple(student_logits.shape)} and teacher logits "
                     f"{tuple(teacher_logits.shape)} differ: the models must share the vocabulary."
                 )
-            terms["kd"] = (kd_weight, _forward_kl_term(teacher_logits, temperature, weights))
+            terms["kd"] = (alpha_ce, _forward_kl_term(teacher_logits, temperature, weights))
         else:
-            raise ValueError("kd_weight > 0 needs teacher_logits or teacher_topk.")
+            raise ValueError("alpha_ce > 0 needs teacher_logits or teacher_topk.")
         rows |= kd_rows
-    if clm_weight:
+    if alpha_task:
         if labels is None:
-            raise ValueError("clm_weight > 0 needs the labels the next-token loss is computed on.")
+            raise ValueError("alpha_task > 0 needs the labels the next-token loss is computed on.")
         targets = next_token_targets(labels).reshape(-1).to(student_logits.device)
         has_target = targets != -100
-        terms["clm"] = (clm_weight, _next_token_term(targets, _mean_weights(has_target, student_logits)))
+        terms["clm"] = (alpha_task, _next_token_term(targets, _mean_weights(has_target, student_logits)))
         rows |= has_target
     return _blockwise(student_logits, rows.nonzero().squeeze(-1), terms)
 
@@ -338,17 +340,10 @@ def perplexity(
     model.eval()
     device = next(model.parameters()).device
     total, entropy, count = 0.0, 0.0, 0
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    for begin in range(0, len(order), batch_size):
-        chunk = [rows[i] for i in order[begin : begin + batch_size]]
-        width = max(len(r) for r in chunk)
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        for j, row in enumerate(chunk):
-            ids[j, : len(row)] = torch.tensor(row)
-            mask[j, : len(row)] = 1
-        ids, mask = ids.to(device), mask.to(device)
+    columns = {"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]}
+    for _, batch in inference_batches(model, columns, 0, batch_size):
+        ids, mask = batch["input_ids"], batch["attention_mask"]
         with autocast:
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
         log_q = F.log_softmax(logits.float(), dim=-1)

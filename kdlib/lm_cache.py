@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from kdlib.batching import RaggedArray
+from kdlib.batching import RaggedArray, inference_batches
 from kdlib.cache import TeacherOutputCache, cache_key, model_fingerprint, sequences_fingerprint
 from kdlib.lm import topk_teacher
 
@@ -41,17 +41,10 @@ def compute_topk(
     teacher.eval()
     indices: list[np.ndarray] = [np.empty(0)] * len(rows)
     values: list[np.ndarray] = [np.empty(0)] * len(rows)
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    for begin in range(0, len(order), batch_size):
-        chunk = order[begin : begin + batch_size]
-        width = max(len(rows[i]) for i in chunk)
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        for j, i in enumerate(chunk):
-            ids[j, : len(rows[i])] = torch.tensor(rows[i])
-            mask[j, : len(rows[i])] = 1
+    columns = {"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]}
+    for chunk, batch in inference_batches(teacher, columns, 0, batch_size):
         with bf16_autocast(bf16, device):
-            logits = teacher(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            logits = teacher(**batch).logits
         top_i, top_v = topk_teacher(logits.float(), k, temperature)
         for j, i in enumerate(chunk):
             n = len(rows[i])

@@ -52,12 +52,10 @@ class LMDistillationTrainer(DistillationTrainer):
         return super().teacher_logits(inputs)
 
     def compute_loss(
-        self,
-        model: torch.nn.Module,
-        inputs: dict[str, Any],
-        return_outputs: bool = False,
-        num_items_in_batch: torch.Tensor | int | None = None,
+        self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """(1 - a) KD + a CLM in one blockwise pass (`kdlib.lm.lm_distillation_loss`); JSD and
+        reverse KL through `token_divergence`. Each batch's mean: see `model_accepts_loss_kwargs`."""
         args: LMDistillationArguments = self.args  # type: ignore[assignment]
         if args.alpha_task > 0 and inputs.get("labels") is None:
             raise ValueError(
@@ -86,8 +84,8 @@ class LMDistillationTrainer(DistillationTrainer):
             ),
             temperature=args.temperature,
             mask=mask,
-            kd_weight=args.alpha_ce if blockwise_kd else 0.0,
-            clm_weight=args.alpha_task,
+            alpha_ce=args.alpha_ce if blockwise_kd else 0.0,
+            alpha_task=args.alpha_task,
         )
         if args.alpha_ce > 0 and not blockwise_kd:
             values["kd"] = token_divergence(

@@ -68,18 +68,18 @@ def soft_target_kl(
     return per_row.sum() / torch.clamp(torch.as_tensor(count, device=per_row.device), min=1)
 
 
-def mix_losses(soft: torch.Tensor, hard: torch.Tensor, alpha_soft: float, alpha_hard: float) -> torch.Tensor:
-    """DistilBERT's weighted sum `alpha_soft * L_KD + alpha_hard * L_task`.
+def mix_losses(kd: torch.Tensor, task: torch.Tensor, alpha_ce: float, alpha_task: float) -> torch.Tensor:
+    """DistilBERT's weighted sum `alpha_ce * L_KD + alpha_task * L_task`.
 
     The weights are independent, as in the blog's `alpha_ce` and `alpha_squad`, not forced to
     sum to one. A weight of exactly zero drops its term, so a NaN there cannot leak in.
     """
-    for name, alpha in (("alpha_soft", alpha_soft), ("alpha_hard", alpha_hard)):
+    for name, alpha in (("alpha_ce", alpha_ce), ("alpha_task", alpha_task)):
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"{name} must lie in [0, 1], got {alpha}.")
-    total = torch.zeros((), device=soft.device)
-    if alpha_soft:
-        total = total + alpha_soft * soft
-    if alpha_hard:
-        total = total + alpha_hard * hard
+    total = torch.zeros((), device=kd.device)
+    if alpha_ce:
+        total = total + alpha_ce * kd
+    if alpha_task:
+        total = total + alpha_task * task
     return total

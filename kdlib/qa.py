@@ -44,6 +44,16 @@ class QAWindows:
     def lengths(self) -> list[int]:
         return [len(ids) for ids in self.features["input_ids"]]
 
+    def subset(self, keep: Sequence[int]) -> QAWindows:
+        """The windows at positions `keep`, in that order (their example indices unchanged)."""
+        return QAWindows(
+            {k: [v[i] for i in keep] for k, v in self.features.items()},
+            [self.example_index[i] for i in keep],
+            [self.offsets[i] for i in keep],
+            [self.start_positions[i] for i in keep],
+            [self.end_positions[i] for i in keep],
+        )
+
 
 def prepare_windows(examples: Sequence[Example], tokenizer: Any, max_length: int, stride: int) -> QAWindows:
     """Tokenise question + context into windows of at most `max_length` tokens.
@@ -206,11 +216,3 @@ def squad_scores(predictions: Mapping[str, str], examples: Sequence[Example]) ->
         "f1": float(100.0 * f1_scores.mean()),
         "questions": len(examples),
     }
-
-
-def paired_difference(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
-    """Mean of `b - a` over the same questions, in percent points, with its standard error."""
-    if a.shape != b.shape or a.size < 2:
-        raise ValueError("paired_difference needs two score arrays over the same >= 2 questions.")
-    diff = 100.0 * (b - a)
-    return {"mean": float(diff.mean()), "se": float(diff.std(ddof=1) / np.sqrt(diff.size))}

@@ -277,7 +277,7 @@ def _fine_tuned(name: str) -> Path:
             return folder
     raise ModelNotAvailableError(
         f"fine-tuned teacher {name!r} not found: set KDLIB_MODELS_DIR to the folder that holds "
-        f"{name}/, or train it here with `python -m kdlib.recipes.train_teacher` (it is saved "
+        f"{name}/, or train it here with `make teacher` (it is saved "
         f"to {local})."
     )
 

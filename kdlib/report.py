@@ -15,11 +15,8 @@ import resource
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 PACKAGES = ("torch", "transformers", "datasets", "accelerate", "numpy", "kdlib")
 
@@ -84,7 +81,7 @@ def _cpu_name() -> str:
 
 
 def peak_memory_mb() -> float:
-    """Peak resident memory of this process (and, on GPU, peak allocated CUDA memory)."""
+    """Peak resident (host) memory of this process in MB; GPU memory is not included."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 
@@ -159,46 +156,3 @@ def gain_verdict(mean: float, se: float, seeds_improved: int, seeds: int) -> str
     if mean > 2 * se and seeds_improved == seeds:
         return "reproduced"
     return "inconclusive"
-
-
-def welch_test(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
-    """mean(a) - mean(b), its standard error, and Welch's two-sided p-value (unequal variances).
-
-    For results over a handful of seeds: whether one method's mean differs from another's by
-    more than their seed-to-seed noise explains.
-    """
-    from scipy import stats
-
-    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if len(x) < 2 or len(y) < 2:
-        raise ValueError("welch_test needs at least two values on each side (run more seeds).")
-    difference = float(x.mean() - y.mean())
-    se = math.sqrt(x.var(ddof=1) / len(x) + y.var(ddof=1) / len(y))
-    if se == 0.0:
-        return {"difference": difference, "se": 0.0, "p": 1.0 if difference == 0.0 else 0.0}
-    return {"difference": difference, "se": se, "p": float(stats.ttest_ind(x, y, equal_var=False).pvalue)}
-
-
-def spread_test(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]) -> dict[str, float | None]:
-    """Whether the methods in `a` vary more across seeds than those in `b` (one-sided F-test).
-
-    Each side is a list of methods' per-seed values; each method is centred on its own mean and
-    the squared deviations pooled, so differences between methods' means do not count as spread.
-    Returns the pooled standard deviations, their ratio and the p-value (None when `b` has no
-    spread at all).
-    """
-    from scipy import stats
-
-    def pooled(groups: Sequence[Sequence[float]]) -> tuple[float, int]:
-        squares = sum(float(((np.asarray(g) - np.mean(g)) ** 2).sum()) for g in groups)
-        dof = sum(len(g) - 1 for g in groups)
-        if dof < 1:
-            raise ValueError("spread_test needs at least two seeds per method.")
-        return squares / dof, dof
-
-    (var_a, dof_a), (var_b, dof_b) = pooled(a), pooled(b)
-    result: dict[str, float | None] = {"std_a": math.sqrt(var_a), "std_b": math.sqrt(var_b)}
-    if var_b == 0.0:
-        return {**result, "ratio": None, "p": None}
-    ratio = var_a / var_b
-    return {**result, "ratio": math.sqrt(ratio), "p": float(stats.f.sf(ratio, dof_a, dof_b))}

@@ -18,10 +18,10 @@ import inspect
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
-from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
+from transformers import PreTrainedTokenizerBase, PrinterCallback, Trainer, TrainingArguments
 
 from kdlib.config import ConfigError, check_range
 from kdlib.losses import mix_losses, soft_target_kl
@@ -48,6 +48,13 @@ class DistillationArguments(TrainingArguments):
         default=False,
         metadata={"help": "Kept False: cached teacher outputs are columns the model doesn't take."},
     )
+    print_logs: bool = field(
+        default=True,
+        metadata={
+            "help": "Print each log entry when progress bars are off (the Trainer's PrinterCallback); "
+            "the entries stay in `state.log_history` either way."
+        },
+    )
 
     def __post_init__(self) -> None:
         self.check_distillation()  # before the Trainer's own set-up: bad values cost nothing
@@ -64,6 +71,26 @@ class DistillationArguments(TrainingArguments):
             check_range(name, weight, low=0.0, high=1.0)
         if not any(weights.values()):
             raise ConfigError(f"{' and '.join(weights)} are all 0: at least one term must count.")
+
+
+Arguments = TypeVar("Arguments", bound=DistillationArguments)
+
+
+def quiet_arguments(cls: type[Arguments] = DistillationArguments, **kwargs: Any) -> Arguments:
+    """Arguments for a run inside a notebook, a test or a benchmark: nothing printed or reported.
+
+    No progress bars, no printed log lines (the losses stay in `state.log_history`), no report
+    integrations, no checkpoints, and pinned host memory only where a GPU would read it. Any
+    of these can still be set through `kwargs`.
+    """
+    defaults: dict[str, Any] = {
+        "disable_tqdm": True,
+        "print_logs": False,
+        "report_to": "none",
+        "save_strategy": "no",
+        "dataloader_pin_memory": torch.cuda.is_available(),
+    }
+    return cls(**{**defaults, **kwargs})
 
 
 class LossNotFiniteError(FloatingPointError):
@@ -167,6 +194,8 @@ class DistillationTrainer(Trainer):
         # Trainer must divide by the accumulation steps itself, which it skips for a model whose
         # forward takes loss arguments (Llama's, BERT's) unless told the loss is not normalised
         self.model_accepts_loss_kwargs = False
+        if not self.args.print_logs:
+            self.remove_callback(PrinterCallback)
         if teacher_tokenizer is not None and self.processing_class is not None:
             check_same_tokenization(teacher_tokenizer, self.processing_class)
         self.teacher = teacher_model

@@ -181,24 +181,8 @@ def evaluate_zero_shot(
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    paths = {task: task_file(task, data_dir) for task in tasks}
-    local = all(path is not None for path in paths.values())
-    specs: list[Any] = []
-    names: dict[str, str] = {}
-    samples: dict[str, list[int]] | None = {} if per_task is not None else None
-    for task in tasks:
-        path = paths[task]
-        if local:
-            config = task_config(task, path)  # type: ignore[arg-type]
-            specs.append(config)
-            names[task] = config["task"]
-            if samples is not None:
-                total = _count_lines(path)  # type: ignore[arg-type]
-                chosen = random.Random(f"{seed}-{task}").sample(range(total), min(per_task, total))
-                samples[config["task"]] = sorted(chosen)
-        else:
-            specs.append(HUB_TASKS[task])
-            names[task] = HUB_TASKS[task]
+    specs, names, samples = _task_specs(tasks, per_task, seed, data_dir)
+    local = all(isinstance(spec, dict) for spec in specs)  # task definitions over the local files
     was_training = model.training
     model.eval()
     try:
@@ -227,24 +211,48 @@ def evaluate_zero_shot(
             )
     finally:
         model.train(was_training)
-    out: dict[str, dict[str, Any]] = {}
+    return {task: _task_scores(results, names[task], examples) for task in tasks}
+
+
+def _task_specs(
+    tasks: Sequence[str], per_task: int | None, seed: int, data_dir: str | os.PathLike | None
+) -> tuple[list[Any], dict[str, str], dict[str, list[int]] | None]:
+    """(lm-eval task specs, our name -> lm-eval's, lm-eval name -> seeded example ids or None).
+
+    Local task files when the mirror has every task, else lm-eval's own hub tasks (whose
+    subset is its `limit`, so no sample ids).
+    """
+    paths = {task: task_file(task, data_dir) for task in tasks}
+    if not all(path is not None for path in paths.values()):
+        return [HUB_TASKS[t] for t in tasks], {t: HUB_TASKS[t] for t in tasks}, None
+    specs: list[Any] = []
+    names: dict[str, str] = {}
+    samples: dict[str, list[int]] | None = {} if per_task is not None else None
     for task in tasks:
-        raw = results["results"][names[task]]
-        scores: dict[str, Any] = {}
-        for key, value in raw.items():
-            if "," not in key or not isinstance(value, (int, float)):
-                continue
-            metric = key.split(",")[0]
-            scores[metric] = float(value)
-        scores["n"] = float(results.get("n-samples", {}).get(names[task], {}).get("effective", 0))
-        if examples:
-            scores["examples"] = [
-                {
-                    "doc_id": sample["doc_id"],
-                    "requests": [list(args) for args in sample["arguments"]],
-                    "loglikelihoods": [float(resp[0]) for resp in sample["filtered_resps"]],
-                }
-                for sample in results["samples"][names[task]]
-            ]
-        out[task] = scores
-    return out
+        config = task_config(task, paths[task])  # type: ignore[arg-type]
+        specs.append(config)
+        names[task] = config["task"]
+        if samples is not None and per_task is not None:
+            total = _count_lines(paths[task])  # type: ignore[arg-type]
+            chosen = random.Random(f"{seed}-{task}").sample(range(total), min(per_task, total))
+            samples[config["task"]] = sorted(chosen)
+    return specs, names, samples
+
+
+def _task_scores(results: dict[str, Any], name: str, examples: bool) -> dict[str, Any]:
+    """One task's metrics (and, with `examples`, what was scored per example) from lm-eval's results."""
+    scores: dict[str, Any] = {}
+    for key, value in results["results"][name].items():
+        if "," in key and isinstance(value, (int, float)):
+            scores[key.split(",")[0]] = float(value)
+    scores["n"] = float(results.get("n-samples", {}).get(name, {}).get("effective", 0))
+    if examples:
+        scores["examples"] = [
+            {
+                "doc_id": sample["doc_id"],
+                "requests": [list(args) for args in sample["arguments"]],
+                "loglikelihoods": [float(resp[0]) for resp in sample["filtered_resps"]],
+            }
+            for sample in results["samples"][name]
+        ]
+    return scores

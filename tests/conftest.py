@@ -44,6 +44,23 @@ def tiny_bert_config(vocab_size: int = len(WORDS), layers: int = 2, hidden: int 
     )
 
 
+def tiny_llama(layers: int = 1, vocab: int = 40, seed: int = 0, hidden: int = 16, positions: int = 64):
+    """A seeded Llama causal LM small enough to train in milliseconds (grouped-query attention)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=positions,
+    )
+    return LlamaForCausalLM(config)
+
+
 @pytest.fixture
 def tiny_qa_pair():
     """(teacher, student): BERT QA models of 2 and 1 layers, seeded."""

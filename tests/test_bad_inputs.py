@@ -17,10 +17,10 @@ import time
 import numpy as np
 import pytest
 import torch
-from transformers import BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+from transformers import BertForSequenceClassification
 
 from bookrun.chapters import CHAPTERS
-from bookrun.params import resolve
+from bookrun.params import chapter_config, resolve
 from kdlib import qa
 from kdlib.alignment import align, select_teacher_layers
 from kdlib.batching import FeatureDataset, PadCollator
@@ -31,10 +31,6 @@ from kdlib.hub import HubUnavailableError
 from kdlib.lm import topk_teacher
 from kdlib.lm_data import pack, pad_truncate
 from kdlib.lm_trainer import LMDistillationArguments, LMDistillationTrainer
-from kdlib.recipes.distilpythia import LMExperimentConfig
-from kdlib.recipes.layers import LayerExperimentConfig
-from kdlib.recipes.squad import SquadDistillationConfig
-from kdlib.recipes.theseus import TheseusExperimentConfig
 from kdlib.registry import ModelNotAvailableError, resolve_model
 from kdlib.stack import keep_layers
 from kdlib.theseus import BernoulliReplacement, build_theseus
@@ -45,21 +41,11 @@ from kdlib.trainer import (
     check_same_tokenization,
 )
 
-from conftest import WORDS, make_tokenizer, tiny_bert_config
+from conftest import WORDS, make_tokenizer, tiny_bert_config, tiny_llama
 
 
 def llama(vocab):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-    )
-    return LlamaForCausalLM(config)
+    return tiny_llama(layers=1, vocab=vocab)
 
 
 def unknown_parameter(tmp):
@@ -207,7 +193,7 @@ def successor_layers_not_dividing(tmp):
 
 
 def linear_schedule_jumping_to_one(tmp):
-    TheseusExperimentConfig(linear_start=0.3, linear_k=0.9)
+    chapter_config(CHAPTERS["ch4"], linear_start=0.3, linear_k=0.9)
 
 
 def topk_as_large_as_the_vocabulary(tmp):
@@ -219,7 +205,7 @@ def warm_start_layer_out_of_range(tmp):
 
 
 def layer_list_not_increasing(tmp):
-    LayerExperimentConfig(teacher_layers=[8, 2, 5, 11])
+    chapter_config(CHAPTERS["ch2"], teacher_layers=[8, 2, 5, 11])
 
 
 def unknown_divergence(tmp):
@@ -227,19 +213,19 @@ def unknown_divergence(tmp):
 
 
 def unknown_teacher_precision(tmp):
-    SquadDistillationConfig(teacher_precision="fp16")
+    chapter_config(CHAPTERS["ch1"], teacher_precision="fp16")
 
 
 def distillation_runs_without_a_distillation_term(tmp):
-    LMExperimentConfig(alpha_clm=1.0)
+    chapter_config(CHAPTERS["ch3"], alpha_clm=1.0)
 
 
 def unknown_lm_run(tmp):
-    LMExperimentConfig(runs=["kd-packed", "kd-shuffled"])
+    chapter_config(CHAPTERS["ch3"], runs=["kd-packed", "kd-shuffled"])
 
 
 def unknown_zero_shot_task(tmp):
-    LMExperimentConfig(zero_shot_tasks=["piqa", "sciq"])
+    chapter_config(CHAPTERS["ch3"], zero_shot_tasks=["piqa", "sciq"])
 
 
 CASES = [

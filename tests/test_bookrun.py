@@ -19,6 +19,13 @@ def test_parameters_cell_matches_the_config_class(key):
 
 
 @pytest.mark.parametrize("key", list(CHAPTERS))
+def test_the_default_profile_is_the_parameters_cell(key):
+    from bookrun.params import profile_values
+
+    assert profile_values(CHAPTERS[key], "default") == {}  # a default is written in one place only
+
+
+@pytest.mark.parametrize("key", list(CHAPTERS))
 @pytest.mark.parametrize("profile", PROFILES)
 def test_every_profile_file_validates(key, profile):
     values = resolve(CHAPTERS[key], profile)
@@ -122,12 +129,16 @@ def test_provenance_box_goes_above_setup_and_names_the_profile_values(tmp_path):
 
     path = tmp_path / "ch1.ipynb"
     jupytext.write(jupytext.read(CH1.source), path)
-    add_provenance(path, CH1, fake_metrics())
+    add_provenance(path, CH1, fake_metrics("smoke"))
     first = next(c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "markdown")
     box, setup = first.source.index("Provenance of this page"), first.source.index("## Setup")
     assert first.source.index("## Overview") < box < setup
-    assert "`max_train_windows=2400`" in first.source  # set by the default profile file
+    assert "`max_train_windows=2400`" in first.source  # set by the smoke profile file
     assert "9.5 min" in first.source and "torch 2.13.0" in first.source and "no GPU" in first.source
+    jupytext.write(jupytext.read(CH1.source), path)
+    add_provenance(path, CH1, fake_metrics("default"))  # the default profile sets nothing itself
+    first = next(c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "markdown")
+    assert "profile** `default`, the parameters cell's defaults" in first.source
 
 
 def test_workshop_notebooks_are_runnable_ipynb_with_parameters_first_and_no_outputs(tmp_path):

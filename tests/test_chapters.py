@@ -145,7 +145,7 @@ def test_ch1_paper_profile_fails_fast_offline(tmp_path):
 @pytest.mark.slow
 def test_teacher_command_saves_a_loadable_stamped_teacher(tmp_path, monkeypatch):
     needs_shared_data()
-    from kdlib.recipes.train_teacher import TeacherRecipe, train_teacher
+    from experiments.ch1_teacher import TeacherRecipe, train_teacher
     from kdlib.registry import STAMP, WEIGHTS, sha256_file
 
     monkeypatch.setenv("KDLIB_CACHE_DIR", str(tmp_path / "cache"))

@@ -2,12 +2,23 @@
 
 import pytest
 
+from bookrun.chapters import CHAPTERS
+from bookrun.params import chapter_config, chapter_defaults
+from experiments.ch1_distilbert_squad import SquadDistillationConfig
 from kdlib.config import ConfigError, from_mapping, from_namespace
-from kdlib.recipes.squad import SquadDistillationConfig
+
+CH1, CH2 = CHAPTERS["ch1"], CHAPTERS["ch2"]
 
 
 def test_defaults_are_valid():
-    SquadDistillationConfig()
+    cfg = chapter_config(CH1)
+    assert cfg.temperature == 2.0 and cfg.train_seeds == [0, 1, 2]  # as the parameters cell writes them
+
+
+def test_a_default_lives_in_the_parameters_cell_only():
+    with pytest.raises(ConfigError, match=r"needs a value for \['profile'"):
+        from_mapping(SquadDistillationConfig, {})  # the class sets no default of its own
+    assert chapter_config(CH1, temperature=4).temperature == 4.0
 
 
 @pytest.mark.parametrize(
@@ -31,12 +42,12 @@ def test_defaults_are_valid():
 )
 def test_out_of_range_values_name_the_parameter(values, culprit):
     with pytest.raises(ConfigError, match=culprit):
-        from_mapping(SquadDistillationConfig, values)
+        chapter_config(CH1, **values)
 
 
 def test_unknown_name_lists_the_known_ones():
     with pytest.raises(ConfigError, match=r"unknown parameter\(s\) \['temprature'\].*temperature"):
-        from_mapping(SquadDistillationConfig, {"temprature": 2.0})
+        chapter_config(CH1, temprature=2.0)
 
 
 @pytest.mark.parametrize(
@@ -51,20 +62,18 @@ def test_unknown_name_lists_the_known_ones():
 )
 def test_wrong_types_name_the_parameter_and_the_type(values, culprit):
     with pytest.raises(ConfigError, match=culprit):
-        from_mapping(SquadDistillationConfig, values)
+        chapter_config(CH1, **values)
 
 
 def test_int_is_accepted_for_float_and_converted():
-    cfg = from_mapping(SquadDistillationConfig, {"temperature": 4})
+    cfg = chapter_config(CH1, temperature=4)
     assert cfg.temperature == 4.0 and isinstance(cfg.temperature, float)
 
 
 def test_from_namespace_takes_exactly_the_fields():
-    namespace = {
-        f: getattr(SquadDistillationConfig(), f) for f in SquadDistillationConfig.__dataclass_fields__
-    }
+    namespace = chapter_defaults(CH1)
     namespace["unrelated_global"] = object()
-    assert from_namespace(SquadDistillationConfig, namespace) == SquadDistillationConfig()
+    assert from_namespace(SquadDistillationConfig, namespace) == chapter_config(CH1)
     del namespace["stride"]
     with pytest.raises(ConfigError, match="stride"):
         from_namespace(SquadDistillationConfig, namespace)
@@ -86,7 +95,5 @@ def test_from_namespace_takes_exactly_the_fields():
     ],
 )
 def test_layer_config_names_the_bad_value(values, culprit):
-    from kdlib.recipes.layers import LayerExperimentConfig
-
     with pytest.raises(ConfigError, match=culprit):
-        from_mapping(LayerExperimentConfig, values)
+        chapter_config(CH2, **values)

@@ -14,6 +14,7 @@ from kdlib.layer_distillation import (
     LayerDistillationTrainer,
     add_projection,
 )
+from kdlib.trainer import quiet_arguments
 
 from conftest import tiny_bert_config
 
@@ -44,11 +45,7 @@ def args(tmp_path, **overrides):
         learning_rate=1e-3,
         max_steps=4,
         logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
         seed=0,
-        dataloader_pin_memory=False,
         temperature=2.0,
         alpha_ce=0.1,
         alpha_task=0.0,
@@ -59,7 +56,7 @@ def args(tmp_path, **overrides):
         matching="one-to-one",
     )
     values.update(overrides)
-    return LayerDistillationArguments(**values)
+    return quiet_arguments(LayerDistillationArguments, **values)
 
 
 def batch_of(ds):

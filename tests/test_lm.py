@@ -146,8 +146,8 @@ def test_kd_plus_clm_in_one_pass_equals_autograd_of_the_weighted_sum(small_block
         teacher_logits=teacher,
         mask=mask,
         temperature=2.0,
-        kd_weight=0.3,
-        clm_weight=0.7,
+        alpha_ce=0.3,
+        alpha_task=0.7,
     )
     total.backward()
     grad, student.grad = student.grad.clone(), None
@@ -165,13 +165,13 @@ def test_a_zero_weight_drops_its_term():
     student, teacher = torch.randn(1, 4, 9), torch.randn(1, 4, 9)
     labels = torch.tensor([[1, 2, 3, 4]])
     total, values = lm_distillation_loss(
-        student, labels=labels, teacher_logits=teacher, kd_weight=0.0, clm_weight=1.0
+        student, labels=labels, teacher_logits=teacher, alpha_ce=0.0, alpha_task=1.0
     )
     assert set(values) == {"clm"} and total.item() == pytest.approx(values["clm"].item())
     with pytest.raises(ValueError, match="labels"):
-        lm_distillation_loss(student, teacher_logits=teacher, clm_weight=0.5)
+        lm_distillation_loss(student, teacher_logits=teacher, alpha_task=0.5)
     with pytest.raises(ValueError, match="teacher"):
-        lm_distillation_loss(student, labels=labels, kd_weight=0.5)
+        lm_distillation_loss(student, labels=labels, alpha_ce=0.5)
 
 
 def test_blockwise_kl_keeps_the_logits_dtype_and_needs_no_grad():

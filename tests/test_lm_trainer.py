@@ -2,28 +2,20 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from kdlib.batching import FeatureDataset, PadCollator
 from kdlib.config import ConfigError
 from kdlib.lm import token_divergence, topk_forward_kl, topk_teacher
 from kdlib.lm_trainer import LMDistillationArguments, LMDistillationTrainer
+from kdlib.trainer import quiet_arguments
+
+from conftest import tiny_llama
 
 ROWS = [[5, 9, 3, 7, 2, 11], [4, 8, 6]]
 
 
 def llama(layers, seed, vocab=40):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-    )
-    return LlamaForCausalLM(config)
+    return tiny_llama(layers=layers, vocab=vocab, seed=seed)
 
 
 def batch(extra=None):
@@ -41,15 +33,13 @@ def trainer(tmp_path, teacher=None, **overrides):
         temperature=2.0,
         alpha_ce=0.5,
         alpha_task=0.5,
-        report_to="none",
-        dataloader_pin_memory=False,
     )
     values.update(overrides)
     _, columns = batch()
     return LMDistillationTrainer(
         model=llama(1, seed=1),
         teacher_model=teacher,
-        args=LMDistillationArguments(**values),
+        args=quiet_arguments(LMDistillationArguments, **values),
         train_dataset=FeatureDataset(columns),
         data_collator=PadCollator(0, pad_values={"labels": -100}),
     )
@@ -151,7 +141,8 @@ def test_gradient_accumulation_averages_the_micro_batches(tmp_path):
         t = LMDistillationTrainer(
             model=student,
             teacher_model=teacher,
-            args=LMDistillationArguments(
+            args=quiet_arguments(
+                LMDistillationArguments,
                 output_dir=str(tmp_path),
                 per_device_train_batch_size=batch_size,
                 gradient_accumulation_steps=accumulation,
@@ -160,10 +151,6 @@ def test_gradient_accumulation_averages_the_micro_batches(tmp_path):
                 learning_rate=1.0,
                 lr_scheduler_type="constant",
                 max_grad_norm=0.0,
-                report_to="none",
-                disable_tqdm=True,
-                save_strategy="no",
-                dataloader_pin_memory=False,
                 train_sampling_strategy="sequential",
             ),
             train_dataset=FeatureDataset(columns),

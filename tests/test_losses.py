@@ -118,7 +118,7 @@ def test_mix_weights_and_edges():
     assert mix_losses(soft, hard, 0.0, 1.0).item() == pytest.approx(4.0)
     # a zero weight drops its term entirely, so a NaN there does not propagate
     assert mix_losses(torch.tensor(float("nan")), hard, 0.0, 1.0).item() == pytest.approx(4.0)
-    with pytest.raises(ValueError, match="alpha_soft"):
+    with pytest.raises(ValueError, match="alpha_ce"):
         mix_losses(soft, hard, 1.5, 0.5)
-    with pytest.raises(ValueError, match="alpha_hard"):
+    with pytest.raises(ValueError, match="alpha_task"):
         mix_losses(soft, hard, 0.5, -0.1)

@@ -53,14 +53,6 @@ def test_scores_take_max_over_gold_answers_and_count_missing_as_zero():
     assert scores["questions"] == 2
 
 
-def test_paired_difference():
-    a = np.array([0.0, 1.0, 0.0, 1.0])
-    b = np.array([1.0, 1.0, 0.0, 1.0])
-    diff = qa.paired_difference(a, b)
-    assert diff["mean"] == pytest.approx(25.0)
-    assert diff["se"] == pytest.approx(100 * np.std([1, 0, 0, 0], ddof=1) / 2)
-
-
 # --- windows and labels ---------------------------------------------------------------
 
 

@@ -66,7 +66,7 @@ def test_missing_folder_path_is_not_sent_to_the_hub(tmp_path):
 def test_fine_tuned_teacher_not_found_says_how_to_get_it(monkeypatch, tmp_path):
     monkeypatch.setenv("KDLIB_MODELS_DIR", str(tmp_path / "empty"))
     monkeypatch.setenv("KDLIB_CACHE_DIR", str(tmp_path))
-    with pytest.raises(ModelNotAvailableError, match="KDLIB_MODELS_DIR.*train_teacher"):
+    with pytest.raises(ModelNotAvailableError, match="KDLIB_MODELS_DIR.*make teacher"):
         resolve_model("minilm-l6-squad")
 
 

@@ -2,31 +2,19 @@
 
 import pytest
 import torch
-from transformers import BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+from transformers import BertForSequenceClassification
 
 from kdlib.config import ConfigError
 from kdlib.stack import keep_layers, layer_stack
 
-from conftest import tiny_bert_config
+from conftest import tiny_bert_config, tiny_llama
 
 
-def tiny_llama(layers=4):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=40,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
+def llama(layers=4):
+    return tiny_llama(layers=layers).eval()
 
 
-@pytest.mark.parametrize(
-    "make", [tiny_llama, lambda: BertForSequenceClassification(tiny_bert_config(layers=4))]
-)
+@pytest.mark.parametrize("make", [llama, lambda: BertForSequenceClassification(tiny_bert_config(layers=4))])
 def test_kept_layers_carry_their_weights_and_new_indices(make):
     model = make()
     small = keep_layers(model, [0, 3])
@@ -42,7 +30,7 @@ def test_kept_layers_carry_their_weights_and_new_indices(make):
 
 
 def test_a_cut_decoder_generates_the_same_with_and_without_its_cache():
-    small = keep_layers(tiny_llama(), [1, 3])  # a stale layer_idx would index the cache wrongly
+    small = keep_layers(llama(), [1, 3])  # a stale layer_idx would index the cache wrongly
     prompt = torch.tensor([[3, 7, 11, 5]])
     with torch.no_grad():
         cached = small.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True)
@@ -51,7 +39,7 @@ def test_a_cut_decoder_generates_the_same_with_and_without_its_cache():
 
 
 def test_keeping_every_layer_changes_nothing():
-    model = tiny_llama()
+    model = llama()
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
         torch.testing.assert_close(keep_layers(model, [0, 1, 2, 3])(ids).logits, model(ids).logits)
@@ -60,4 +48,4 @@ def test_keeping_every_layer_changes_nothing():
 @pytest.mark.parametrize("indices", [[], [2, 1], [0, 0], [-1, 2], [0, 4]])
 def test_bad_layer_lists_are_refused(indices):
     with pytest.raises(ConfigError, match="keep_layers"):
-        keep_layers(tiny_llama(), indices)
+        keep_layers(llama(), indices)

@@ -188,9 +188,10 @@ def test_wrapping_twice_or_extracting_a_plain_model_is_refused():
 
 
 def test_chapter_config_checks_replacement_settings_before_any_work():
-    from kdlib.recipes.theseus import TheseusExperimentConfig
+    from bookrun.chapters import CHAPTERS
+    from bookrun.params import chapter_config
 
-    cfg = TheseusExperimentConfig(replacing_steps=101, linear_start=0.3)
+    cfg = chapter_config(CHAPTERS["ch4"], replacing_steps=101, linear_start=0.3)
     assert cfg.linear_slope() == pytest.approx(0.007)  # p reaches 1 at the last replacing step
     assert cfg.policies()["theseus-linear"].rate(100) == pytest.approx(1.0)
     assert cfg.method_names()[-2:] == ["proportional-0.5", "proportional-0.8"]
@@ -204,11 +205,11 @@ def test_chapter_config_checks_replacement_settings_before_any_work():
         ({"task": "mnli"}, "task"),
     ]:
         with pytest.raises(ConfigError, match=culprit):
-            TheseusExperimentConfig(**bad)
+            chapter_config(CHAPTERS["ch4"], **bad)
 
 
 def test_claim_verdicts_follow_the_seed_statistics():
-    from kdlib.recipes.theseus import claim_verdicts
+    from experiments.ch4_theseus import claim_verdicts
 
     per_method = {
         "finetune-first": [50.0, 51.0, 49.0],
@@ -236,7 +237,7 @@ def test_claim_verdicts_follow_the_seed_statistics():
 def test_same_seed_gives_the_same_replacement_run(tmp_path):
     from kdlib.batching import FeatureDataset, PadCollator
     from kdlib.theseus import TheseusTrainer
-    from kdlib.trainer import DistillationArguments
+    from kdlib.trainer import DistillationArguments, quiet_arguments
 
     rows = batch()["input_ids"].tolist() * 4
     columns = {"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows], "labels": [0, 1] * 4}
@@ -244,7 +245,8 @@ def test_same_seed_gives_the_same_replacement_run(tmp_path):
     def run(folder):
         model = predecessor()
         state = build_theseus(model, 2, BernoulliReplacement(0.5))
-        args = DistillationArguments(
+        args = quiet_arguments(
+            DistillationArguments,
             output_dir=str(folder),
             max_steps=4,
             per_device_train_batch_size=2,
@@ -253,8 +255,6 @@ def test_same_seed_gives_the_same_replacement_run(tmp_path):
             alpha_task=1.0,
             seed=11,
             logging_steps=1,
-            report_to="none",
-            dataloader_pin_memory=False,
         )
         trainer = TheseusTrainer(
             model=model,

@@ -15,6 +15,7 @@ from kdlib.trainer import (
     DistillationTrainer,
     LossNotFiniteError,
     check_same_tokenization,
+    quiet_arguments,
 )
 
 from conftest import WORDS, make_tokenizer
@@ -62,17 +63,13 @@ def args(tmp_path, **overrides):
         learning_rate=1e-3,
         max_steps=3,
         logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
         seed=0,
-        dataloader_pin_memory=False,
         temperature=2.0,
         alpha_ce=0.5,
         alpha_task=0.5,
     )
     values.update(overrides)
-    return DistillationArguments(**values)
+    return quiet_arguments(DistillationArguments, **values)
 
 
 def batch_of(ds, tokenizer):
@@ -308,7 +305,7 @@ def test_aligned_tokenization_allows_other_ids_but_not_other_pieces(tiny_tokeniz
 
 def test_teacher_precision_is_part_of_the_cache_key(tmp_path, tiny_qa_pair, tiny_tokenizer):
     from kdlib.cache import TeacherOutputCache
-    from kdlib.recipes.squad import teacher_span_logits
+    from kdlib.qa_teacher import teacher_span_logits
 
     teacher, _ = tiny_qa_pair
     windows, _ = dataset(tiny_tokenizer)

@@ -11,10 +11,12 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from kdlib.config import ConfigError
 from kdlib.zeroshot import evaluate_zero_shot, task_config
+
+from conftest import tiny_llama
 
 pytest.importorskip("lm_eval")
 
@@ -70,17 +72,7 @@ def byte_tokenizer():
 @pytest.fixture(scope="module")
 def lm():
     tokenizer = byte_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-    )
-    return LlamaForCausalLM(config).eval(), tokenizer
+    return tiny_llama(layers=2, vocab=len(tokenizer), hidden=32, positions=256).eval(), tokenizer
 
 
 @pytest.fixture(scope="module")

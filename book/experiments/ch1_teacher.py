@@ -1,6 +1,6 @@
 """Fine-tune the default profile's SQuAD teacher, with its recipe recorded beside the weights.
 
-`python -m kdlib.recipes.train_teacher` reproduces the shared `minilm-l6-squad` checkpoint:
+`make teacher` (`python -m experiments.ch1_teacher`) reproduces the shared `minilm-l6-squad` checkpoint:
 MiniLM-L6 with a fresh QA head, fine-tuned on SQuAD v1.1 dev articles 0-37 (articles 38-47 are
 never seen, so chapter 1 can hold them out), windows of 192 tokens with stride 64, batch 16,
 1,000 steps of AdamW (lr 1e-4, weight decay 0.01, 10% linear warmup then linear decay,
@@ -18,13 +18,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import transformers
-from transformers import PrinterCallback
 
 from kdlib import qa
 from kdlib.batching import PadCollator
 from kdlib.config import check_range, from_mapping
 from kdlib.data import load_squad, split_by_article
-from kdlib.recipes.squad import load_qa_model, window_dataset
+from kdlib.qa_teacher import load_qa_model, window_dataset
 from kdlib.registry import cache_dir, write_stamp
 from kdlib.trainer import DistillationArguments, DistillationTrainer
 
@@ -82,6 +81,7 @@ def train_teacher(recipe: TeacherRecipe) -> Path:
             alpha_task=1.0,
             dataloader_pin_memory=False,
             report_to="none",
+            print_logs=False,  # the progress bar shows the loss
         )
         trainer = DistillationTrainer(
             model=model,
@@ -90,7 +90,6 @@ def train_teacher(recipe: TeacherRecipe) -> Path:
             data_collator=PadCollator(tokenizer.pad_token_id),
             processing_class=tokenizer,
         )
-        trainer.remove_callback(PrinterCallback)
         trainer.train()
         shutil.rmtree(scratch / "checkpoints", ignore_errors=True)
         model.save_pretrained(scratch)

@@ -19,14 +19,14 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, PrinterCallback
+from transformers import AutoModelForCausalLM
 
 from kdlib.batching import FeatureDataset, PadCollator
 from kdlib.cache import TeacherOutputCache
@@ -39,7 +39,9 @@ from kdlib.lm_data import LM_FILES, load_lm_documents, pack, pad_truncate
 from kdlib.lm_trainer import TOPK_FIELDS, LMDistillationArguments, LMDistillationTrainer
 from kdlib.registry import load_pretrained, quiet_transformers
 from kdlib.report import RunRecord, claim_record
-from kdlib.stack import keep_layers, layer_stack
+from kdlib.stack import keep_layers, layer_stack, middle_block
+from kdlib.stats import paired_log_ratio
+from kdlib.trainer import quiet_arguments
 from kdlib.zeroshot import check_tasks, evaluate_zero_shot
 
 
@@ -66,38 +68,37 @@ SCHEDULES = ("constant", "linear", "cosine")
 
 @dataclass
 class LMExperimentConfig:
-    """Every parameter of chapter 3; the chapter's parameters cell lists the same names."""
+    """Every parameter of chapter 3, checked. No defaults here: the chapter's parameters cell
+    sets them (`bookrun.params.chapter_config` builds one outside the notebook)."""
 
-    profile: str = "default"
-    teacher: str = "smollm2-135m"
-    student: str = ""
-    student_layers: int = 24
-    warm_start_candidates: list[int] = field(default_factory=lambda: [26, 24, 22, 20])
-    corpus: list[str] = field(default_factory=lambda: ["wikitext2-test"])
-    heldout_articles: int = 8
-    heldout_blocks: int = 48
-    max_length: int = 128
-    runs: list[str] = field(default_factory=lambda: ["kd-padded", "kd-packed", "clm-packed"])
-    steps: int = 24
-    batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 1e-4
-    lr_scheduler: str = "constant"
-    alpha_clm: float = 0.5
-    temperature: float = 2.0
-    divergence: str = "forward"
-    topk: int = 64
-    topk_probe: list[int] = field(default_factory=lambda: [8, 64, 512, 4096])
-    bf16: bool = True
-    freeze_embeddings: bool = True
-    zero_shot_tasks: list[str] = field(
-        default_factory=lambda: ["piqa", "winogrande", "lambada", "arc_easy", "wsc"]
-    )
-    zero_shot_examples: int = 100
-    lambada_examples: int = 200
-    seed: int = 0
-    data_dir: str = ""
-    output_dir: str = "outputs/ch3"
+    profile: str
+    teacher: str
+    student: str
+    student_layers: int
+    warm_start_candidates: list[int]
+    corpus: list[str]
+    heldout_articles: int
+    heldout_blocks: int
+    max_length: int
+    runs: list[str]
+    steps: int
+    batch_size: int
+    gradient_accumulation_steps: int
+    learning_rate: float
+    lr_scheduler: str
+    alpha_clm: float
+    temperature: float
+    divergence: str
+    topk: int
+    topk_probe: list[int]
+    bf16: bool
+    freeze_embeddings: bool
+    zero_shot_tasks: list[str]
+    zero_shot_examples: int
+    lambada_examples: int
+    seed: int
+    data_dir: str
+    output_dir: str
 
     def __post_init__(self) -> None:
         check_choice("profile", self.profile, ("smoke", "default", "paper"))
@@ -186,15 +187,6 @@ CARD_TABLE = {
         "wsc": 36.54,
     },
 }
-
-
-def middle_block(depth: int, keep: int) -> list[int]:
-    """Layer indices that keep `keep` of `depth` layers, dropping one contiguous block in the middle."""
-    if not 1 <= keep <= depth:
-        raise ConfigError(f"student_layers = {keep}: keep between 1 and the teacher's {depth} layers.")
-    drop = depth - keep
-    start = (depth - drop) // 2
-    return [i for i in range(depth) if not start <= i < start + drop]
 
 
 def _is_paragraph(line: str) -> bool:
@@ -320,7 +312,9 @@ class LMExperiment:
             depth = len(layer_stack(self.teacher))
             table = {}
             for keep in sorted({*cfg.warm_start_candidates, cfg.student_layers}, reverse=True):
-                candidate = keep_layers(self.teacher, middle_block(depth, keep), "student_layers")
+                candidate = keep_layers(
+                    self.teacher, middle_block(depth, keep, "student_layers"), "student_layers"
+                )
                 score = self.heldout_score(candidate)
                 table[str(keep)] = {
                     "layers": keep,
@@ -445,7 +439,8 @@ class LMExperiment:
         student = copy.deepcopy(self.student_base).requires_grad_(True)
         if cfg.freeze_embeddings:
             student.get_input_embeddings().requires_grad_(False)
-        args = LMDistillationArguments(
+        args = quiet_arguments(
+            LMDistillationArguments,
             output_dir=str(Path(cfg.output_dir) / "runs" / run),
             per_device_train_batch_size=cfg.batch_size,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -453,16 +448,12 @@ class LMExperiment:
             lr_scheduler_type=cfg.lr_scheduler,
             max_steps=cfg.steps,
             logging_steps=max(1, cfg.steps // 15),
-            save_strategy="no",
             seed=cfg.seed,
             bf16=cfg.bf16,
             alpha_ce=(1.0 - cfg.alpha_clm) if spec.distil else 0.0,
             alpha_task=cfg.alpha_clm if spec.distil else 1.0,
             temperature=cfg.temperature_of(run),
             divergence=cfg.divergence,
-            dataloader_pin_memory=torch.cuda.is_available(),
-            disable_tqdm=True,
-            report_to="none",
             use_cpu=not torch.cuda.is_available(),
         )
         trainer = LMDistillationTrainer(
@@ -472,7 +463,6 @@ class LMExperiment:
             data_collator=PadCollator(self.pad, {"labels": -100, "attention_mask": 0}),
             teacher_model=self.teacher if spec.distil and not spec.topk else None,
         )
-        trainer.remove_callback(PrinterCallback)
         trainer.train()
         train_seconds = time.perf_counter() - started
         student.eval().requires_grad_(False)
@@ -521,15 +511,7 @@ def lambada_ratio(models: dict[str, Any], a: str, b: str) -> dict[str, float] | 
     lb = models.get(b, {}).get("zero_shot", {}).get("lambada")
     if not la or not lb or la["doc_ids"] != lb["doc_ids"]:
         return None
-    diff = np.asarray(lb["loglikelihoods"]) - np.asarray(la["loglikelihoods"])
-    mean = float(diff.mean())
-    se = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
-    return {
-        "ratio": math.exp(mean),
-        "low": math.exp(mean - 1.96 * se),
-        "high": math.exp(mean + 1.96 * se),
-        "worse_share": float((diff > 0).mean()),
-    }
+    return paired_log_ratio(la["loglikelihoods"], lb["loglikelihoods"])
 
 
 def _direction(ratio: dict[str, float]) -> str:
@@ -544,66 +526,81 @@ def claim_verdicts(results: dict[str, Any]) -> list[dict[str, str]]:
     """distilpythia's findings, each checked against this run's models.
 
     Accuracy differences count only beyond two standard errors of the difference; lambada
-    perplexities are compared passage by passage (`lambada_ratio`).
+    perplexities are compared passage by passage (`lambada_ratio`). A claim whose models were
+    not run is left out.
     """
     models = results.get("models", {})
-    base = "student-base"
     distilled = [n for n in ("kd-padded", "kd-packed") if n in models]
     verdicts = []
-    if base in models and distilled:
-        better, worse, compared = [], [], 0
-        for name in distilled:
-            for task in models[name].get("zero_shot", {}):
-                mine, theirs = _task(models, name, task, "acc"), _task(models, base, task, "acc")
-                if mine is None or theirs is None:
-                    continue
-                compared += 1
-                gap, se = mine[0] - theirs[0], math.hypot(mine[1], theirs[1])
-                if abs(gap) > 2 * se:
-                    (better if gap > 0 else worse).append(f"{name}/{task}")
-            ratio = lambada_ratio(models, name, base)
-            if ratio is not None:  # the card's lambada perplexity column, compared passage by passage
-                compared += 1
-                direction = _direction(ratio)
-                if direction != "no clear difference":
-                    (better if direction == "lower" else worse).append(f"{name}/lambada perplexity")
-        verdicts.append(
-            {
-                "claim": "the distilled student is no better than its base on the zero-shot tasks",
-                "evidence": f"{len(better)} of {compared} task scores clearly better than the base's "
-                f"({', '.join(better) or 'none'}), {len(worse)} clearly below",
-                "verdict": "not reproduced" if better else "reproduced",
-                "card": "piqa 59.74 vs 59.85, lambada acc 15.82 vs 21.40, sciq 61.30 vs 65.00",
-            }
-        )
-        ratios = {n: lambada_ratio(models, n, base) for n in distilled}
-        if all(ratios.values()):
-            directions = {n: _direction(r) for n, r in ratios.items()}  # type: ignore[arg-type]
-            verdicts.append(
-                {
-                    "claim": "distillation raises the student's lambada perplexity",
-                    "evidence": "; ".join(f"{n}: {_ratio_text(r)} the base's" for n, r in ratios.items()),  # type: ignore[arg-type]
-                    "verdict": "reproduced"
-                    if all(d == "higher" for d in directions.values())
-                    else "not reproduced"
-                    if all(d == "lower" for d in directions.values())
-                    else "inconclusive",
-                    "card": "140.81 -> 420.70 (padded), 403.78 (packed)",
-                }
-            )
+    if "student-base" in models and distilled:
+        verdicts.append(no_better_than_base(models, distilled))
+        rise = lambada_rise(models, distilled)
+        if rise is not None:
+            verdicts.append(rise)
     if {"kd-padded", "kd-packed"} <= set(models):
-        padded, packed = (models[n]["heldout"]["perplexity"] for n in ("kd-padded", "kd-packed"))
-        ratio = lambada_ratio(models, "kd-packed", "kd-padded")
-        verdicts.append(
-            {
-                "claim": "packed constant-length data is no better than padded/truncated documents",
-                "evidence": f"held-out perplexity {packed:.1f} (packed) vs {padded:.1f} (padded)"
-                + (f"; lambada, packed over padded: {_ratio_text(ratio)}" if ratio else ""),
-                "verdict": "reproduced" if not ratio or _direction(ratio) != "lower" else "not reproduced",
-                "card": "lambada perplexity 403.78 vs 420.70, piqa 59.30 vs 59.74",
-            }
-        )
+        verdicts.append(packed_no_better(models))
     return verdicts
+
+
+def no_better_than_base(models: dict[str, Any], distilled: list[str]) -> dict[str, str]:
+    """The card: the distilled student is no better than its base on any task."""
+    better, worse, compared = [], [], 0
+    for name in distilled:
+        for task in models[name].get("zero_shot", {}):
+            mine, theirs = _task(models, name, task, "acc"), _task(models, "student-base", task, "acc")
+            if mine is None or theirs is None:
+                continue
+            compared += 1
+            gap, se = mine[0] - theirs[0], math.hypot(mine[1], theirs[1])
+            if abs(gap) > 2 * se:
+                (better if gap > 0 else worse).append(f"{name}/{task}")
+        ratio = lambada_ratio(models, name, "student-base")
+        if ratio is not None:  # the card's lambada perplexity column, compared passage by passage
+            compared += 1
+            direction = _direction(ratio)
+            if direction != "no clear difference":
+                (better if direction == "lower" else worse).append(f"{name}/lambada perplexity")
+    return {
+        "claim": "the distilled student is no better than its base on the zero-shot tasks",
+        "evidence": f"{len(better)} of {compared} task scores clearly better than the base's "
+        f"({', '.join(better) or 'none'}), {len(worse)} clearly below",
+        "verdict": "not reproduced" if better else "reproduced",
+        "card": "piqa 59.74 vs 59.85, lambada acc 15.82 vs 21.40, sciq 61.30 vs 65.00",
+    }
+
+
+def lambada_rise(models: dict[str, Any], distilled: list[str]) -> dict[str, str] | None:
+    """The card: distillation raised lambada perplexity (both layouts); None without lambada."""
+    ratios = {n: lambada_ratio(models, n, "student-base") for n in distilled}
+    if not all(ratios.values()):
+        return None
+    directions = {n: _direction(r) for n, r in ratios.items()}  # type: ignore[arg-type]
+    verdict = (
+        "reproduced"
+        if all(d == "higher" for d in directions.values())
+        else "not reproduced"
+        if all(d == "lower" for d in directions.values())
+        else "inconclusive"
+    )
+    return {
+        "claim": "distillation raises the student's lambada perplexity",
+        "evidence": "; ".join(f"{n}: {_ratio_text(r)} the base's" for n, r in ratios.items()),  # type: ignore[arg-type]
+        "verdict": verdict,
+        "card": "140.81 -> 420.70 (padded), 403.78 (packed)",
+    }
+
+
+def packed_no_better(models: dict[str, Any]) -> dict[str, str]:
+    """The card: packed constant-length rows did no better than padded documents."""
+    padded, packed = (models[n]["heldout"]["perplexity"] for n in ("kd-padded", "kd-packed"))
+    ratio = lambada_ratio(models, "kd-packed", "kd-padded")
+    return {
+        "claim": "packed constant-length data is no better than padded/truncated documents",
+        "evidence": f"held-out perplexity {packed:.1f} (packed) vs {padded:.1f} (padded)"
+        + (f"; lambada, packed over padded: {_ratio_text(ratio)}" if ratio else ""),
+        "verdict": "reproduced" if not ratio or _direction(ratio) != "lower" else "not reproduced",
+        "card": "lambada perplexity 403.78 vs 420.70, piqa 59.30 vs 59.74",
+    }
 
 
 def lambada_findings(results: dict[str, Any]) -> list[dict[str, str]]:

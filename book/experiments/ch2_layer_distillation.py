@@ -11,24 +11,29 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import transformers
-from transformers import PrinterCallback
 
-from kdlib.batching import FeatureDataset, PadCollator, RaggedArray
-from kdlib.cache import TeacherOutputCache, cache_key, model_fingerprint, sequences_fingerprint
-from kdlib.classification import accuracy, encode, fine_tune, forward_all, load_classifier
+from kdlib.batching import FeatureDataset, PadCollator
+from kdlib.cache import TeacherOutputCache
+from kdlib.classification import accuracy, encode, fine_tune, load_classifier
 from kdlib.config import ConfigError, check_choice, check_range
 from kdlib.data import load_sst2
-from kdlib.layer_distillation import LayerDistillationArguments, LayerDistillationTrainer, add_projection
+from kdlib.layer_distillation import (
+    LayerDistillationArguments,
+    LayerDistillationTrainer,
+    add_projection,
+    cached_teacher_states,
+)
 from kdlib.registry import resolve_model
 from kdlib.report import RunRecord, claim_record
-from kdlib.trainer import check_aligned_tokenization
+from kdlib.stats import seed_summary
+from kdlib.trainer import check_aligned_tokenization, quiet_arguments
 
 STRATEGIES: dict[str, tuple[str, str] | None] = {
     "kd-only": None,  # prediction distillation alone
@@ -43,31 +48,32 @@ STRATEGIES: dict[str, tuple[str, str] | None] = {
 
 @dataclass
 class LayerExperimentConfig:
-    """Every parameter of chapter 2; the chapter's parameters cell lists the same names."""
+    """Every parameter of chapter 2, checked. No defaults here: the chapter's parameters cell
+    sets them (`bookrun.params.chapter_config` builds one outside the notebook)."""
 
-    profile: str = "default"
-    teacher: str = "mpnet-12"
-    teacher_steps: int = 40
-    teacher_batch_size: int = 32
-    teacher_learning_rate: float = 5e-5
-    student: str = "minilm-l6"
-    data_dir: str = ""
-    train_examples: int = 1920
-    eval_examples: int = 0
-    max_length: int = 64
-    strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
-    teacher_layers: list[int] = field(default_factory=lambda: [2, 5, 8, 11])
-    layer_weight: float = 0.1
-    alpha_ce: float = 0.9
-    temperature: float = 2.0
-    cofi_weight_seeds: list[int] = field(default_factory=lambda: [0])
-    learning_rate: float = 1e-4
-    batch_size: int = 32
-    epochs: float = 1.0
-    train_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    removed_layers: list[int] = field(default_factory=lambda: [1, 3])
-    seed: int = 0
-    output_dir: str = "outputs/ch2"
+    profile: str
+    teacher: str
+    teacher_steps: int
+    teacher_batch_size: int
+    teacher_learning_rate: float
+    student: str
+    data_dir: str
+    train_examples: int
+    eval_examples: int
+    max_length: int
+    strategies: list[str]
+    teacher_layers: list[int]
+    layer_weight: float
+    alpha_ce: float
+    temperature: float
+    cofi_weight_seeds: list[int]
+    learning_rate: float
+    batch_size: int
+    epochs: float
+    train_seeds: list[int]
+    removed_layers: list[int]
+    seed: int
+    output_dir: str
 
     def __post_init__(self) -> None:
         check_choice("profile", self.profile, ("smoke", "default", "paper"))
@@ -211,26 +217,16 @@ class LayerExperiment:
 
     def teacher_outputs(self) -> dict[str, Any]:
         """Every block's hidden states and the logits on the student's sentences, cached."""
+        if "teacher" not in self.record["results"]:
+            raise RuntimeError(
+                "call fine_tune_teacher() first: the students learn from the fine-tuned teacher."
+            )
         started = time.perf_counter()
         columns = encode(self.teacher_tokenizer, self.student_train, self.cfg.max_length)
-        key = cache_key(
-            kind="sequence-classification-hidden",
-            teacher=model_fingerprint(self.teacher),
-            inputs=sequences_fingerprint(columns["input_ids"]),
-        )
-
-        def compute() -> dict[str, np.ndarray]:
-            out = forward_all(self.teacher, columns, self.teacher_tokenizer.pad_token_id, hidden=True)
-            return {"logits": out["logits"], "hidden": out["hidden"].values, "offsets": out["hidden"].offsets}
-
-        stored = self.cache.get_or_compute(key, compute)
-        self.teacher_cached = {
-            "teacher_logits": list(stored["logits"]),
-            "teacher_hidden_states": RaggedArray(stored["hidden"], stored["offsets"]),
-        }
+        cached = cached_teacher_states(self.teacher, columns, self.teacher_tokenizer.pad_token_id, self.cache)
+        self.record["teacher_cache_mb"] = round(cached.pop("megabytes"), 1)
         self.timings["teacher_outputs_s"] = time.perf_counter() - started
-        self.record["teacher_cache_mb"] = round(stored["hidden"].nbytes / 2**20, 1)
-        return self.teacher_cached
+        return cached
 
     # --- the students --------------------------------------------------------------------
 
@@ -238,49 +234,23 @@ class LayerExperiment:
         self,
         strategy: str,
         seed: int,
+        teacher: dict[str, Any],
         existing: torch.Tensor | None = None,
         weights: tuple[float, float] | None = None,
         tag: str = "",
     ) -> StrategyRun:
-        """Train a fresh student with `strategy`; its dev accuracy and alignment log are kept.
+        """Train a fresh student with `strategy` on the teacher's cached outputs (`teacher_outputs()`);
+        its dev accuracy and alignment log are kept.
 
         `weights` = (layer_weight, alpha_ce) overrides the configured pair; `tag` names the
         variant in the results (`fixed-ordered/seed0/cofi-weights`).
         """
-        cfg = self.cfg
-        layer_weight, alpha_ce = weights or (cfg.layer_weight, cfg.alpha_ce)
-        choice = STRATEGIES[strategy]
         transformers.set_seed(seed)
-        student, tokenizer = load_classifier(cfg.student)
+        student, tokenizer = load_classifier(self.cfg.student)
         add_projection(student, self.teacher.config.hidden_size)
-        selection, matching = choice or ("fixed", "ordered")
-        args = LayerDistillationArguments(
-            output_dir=str(Path(cfg.output_dir) / "runs" / f"{strategy}-seed{seed}"),
-            per_device_train_batch_size=cfg.batch_size,
-            learning_rate=cfg.learning_rate,
-            num_train_epochs=cfg.epochs,
-            warmup_steps=0.1,
-            weight_decay=0.01,
-            logging_steps=max(1, min(5, int(len(self.student_train) / cfg.batch_size * cfg.epochs) // 5)),
-            save_strategy="no",
-            seed=seed,
-            temperature=cfg.temperature,
-            alpha_ce=alpha_ce,
-            alpha_task=0.0,
-            layer_weight=layer_weight if choice else 0.0,
-            selection=selection,
-            teacher_layers=cfg.teacher_layers if selection == "fixed" else None,
-            num_teacher_layers=len(cfg.teacher_layers),
-            matching=matching,
-            train_sampling_strategy="group_by_length",
-            dataloader_pin_memory=torch.cuda.is_available(),
-            disable_tqdm=True,
-            report_to="none",
-        )
-        columns = dict(self.columns, teacher_logits=self.teacher_cached["teacher_logits"])
-        dataset = FeatureDataset(
-            columns, extra={"teacher_hidden_states": self.teacher_cached["teacher_hidden_states"]}
-        )
+        args = self.strategy_arguments(strategy, seed, weights)
+        columns = dict(self.columns, teacher_logits=teacher["teacher_logits"])
+        dataset = FeatureDataset(columns, extra={"teacher_hidden_states": teacher["teacher_hidden_states"]})
         trainer = LayerDistillationTrainer(
             model=student,
             args=args,
@@ -288,7 +258,6 @@ class LayerExperiment:
             data_collator=PadCollator(tokenizer.pad_token_id),
             existing_student_layers=existing,
         )
-        trainer.remove_callback(PrinterCallback)
         started = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - started
@@ -304,6 +273,36 @@ class LayerExperiment:
         )
         return run
 
+    def strategy_arguments(
+        self, strategy: str, seed: int, weights: tuple[float, float] | None = None
+    ) -> LayerDistillationArguments:
+        """The strategy as trainer arguments: its teacher layers and matching, the loss weights."""
+        cfg = self.cfg
+        layer_weight, alpha_ce = weights or (cfg.layer_weight, cfg.alpha_ce)
+        choice = STRATEGIES[strategy]
+        selection, matching = choice or ("fixed", "ordered")
+        steps = int(len(self.student_train) / cfg.batch_size * cfg.epochs)
+        return quiet_arguments(
+            LayerDistillationArguments,
+            output_dir=str(Path(cfg.output_dir) / "runs" / f"{strategy}-seed{seed}"),
+            per_device_train_batch_size=cfg.batch_size,
+            learning_rate=cfg.learning_rate,
+            num_train_epochs=cfg.epochs,
+            warmup_steps=0.1,
+            weight_decay=0.01,
+            logging_steps=max(1, min(5, steps // 5)),
+            seed=seed,
+            temperature=cfg.temperature,
+            alpha_ce=alpha_ce,
+            alpha_task=0.0,  # CoFi: no hard-label term
+            layer_weight=layer_weight if choice else 0.0,
+            selection=selection,
+            teacher_layers=cfg.teacher_layers if selection == "fixed" else None,
+            num_teacher_layers=len(cfg.teacher_layers),
+            matching=matching,
+            train_sampling_strategy="group_by_length",
+        )
+
     def existing_mask(self) -> torch.Tensor:
         """The student layers left after removing `removed_layers` (as a pruning mask would)."""
         exists = torch.ones(self.student_depth, dtype=torch.bool)
@@ -315,30 +314,13 @@ class LayerExperiment:
         results = self.record["results"]
         table = {}
         for strategy in self.cfg.strategies:
-            values = np.array(
-                [results["runs"][f"{strategy}/seed{s}"]["accuracy"] for s in self.cfg.train_seeds]
-            )
-            table[strategy] = {
-                "mean": float(values.mean()),
-                "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-                "min": float(values.min()),
-                "max": float(values.max()),
-                "seeds": list(self.cfg.train_seeds),
-            }
+            values = [results["runs"][f"{strategy}/seed{s}"]["accuracy"] for s in self.cfg.train_seeds]
+            table[strategy] = {**seed_summary(values), "seeds": list(self.cfg.train_seeds)}
         results["strategies"] = table
         comparison = random_vs_fixed(table)
         if comparison is not None:
             results["random_vs_fixed"] = comparison
-            self.record["claims"] = [
-                claim_record(
-                    "Random teacher layers each step (RAIL-KD) do as well as CoFi's fixed [2, 5, 8, 11]",
-                    "not reproduced" if comparison["relation"] == "trails" else "reproduced",
-                    measured=f"`{comparison['random']}` {comparison['gap']:+.1f} points vs "
-                    f"`{comparison['fixed']}` (seed spread {comparison['noise']:.1f})",
-                    paper="CoFi (Xia et al. 2022) distils the fixed layers [2, 5, 8, 11]",
-                    replication="a CoFi user: random layers 'always lead to satisfying results' (RAIL-KD)",
-                )
-            ]
+            self.record["claims"] = [rail_kd_claim(comparison)]
         return table
 
     def write(self) -> Path:
@@ -346,6 +328,18 @@ class LayerExperiment:
         self.record["cache"] = {"hits": self.cache.hits, "misses": self.cache.misses}
         out = Path(self.cfg.output_dir)
         return self.record.write(out / "metrics.json")
+
+
+def rail_kd_claim(comparison: dict[str, Any]) -> dict[str, Any]:
+    """The RAIL-KD user's claim, judged on `random_vs_fixed`: anything but "trails" reproduces it."""
+    return claim_record(
+        "Random teacher layers each step (RAIL-KD) do as well as CoFi's fixed [2, 5, 8, 11]",
+        "not reproduced" if comparison["relation"] == "trails" else "reproduced",
+        measured=f"`{comparison['random']}` {comparison['gap']:+.1f} points vs "
+        f"`{comparison['fixed']}` (seed spread {comparison['noise']:.1f})",
+        paper="CoFi (Xia et al. 2022) distils the fixed layers [2, 5, 8, 11]",
+        replication="a CoFi user: random layers 'always lead to satisfying results' (RAIL-KD)",
+    )
 
 
 def random_vs_fixed(table: dict[str, dict[str, Any]]) -> dict[str, Any] | None:

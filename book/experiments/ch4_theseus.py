@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,8 @@ from kdlib.classification import accuracy, encode, fine_tune, load_classifier
 from kdlib.config import ConfigError, check_choice, check_range
 from kdlib.data import load_banking77, load_iflytek
 from kdlib.registry import resolve_model
-from kdlib.report import RunRecord, claim_record, spread_test, welch_test
+from kdlib.report import RunRecord, claim_record
+from kdlib.stats import seed_summary, spread_test, welch_test
 from kdlib.theseus import (
     SUCCESSOR_INIT,
     BernoulliReplacement,
@@ -65,32 +66,33 @@ TASKS = {
 
 @dataclass
 class TheseusExperimentConfig:
-    """Every parameter of chapter 4; the chapter's parameters cell lists the same names."""
+    """Every parameter of chapter 4, checked. No defaults here: the chapter's parameters cell
+    sets them (`bookrun.params.chapter_config` builds one outside the notebook)."""
 
-    profile: str = "default"
-    task: str = "banking77"
-    predecessor: str = "minilm-l6"
-    predecessor_steps: int = 500
-    predecessor_learning_rate: float = 2e-4
-    data_dir: str = ""
-    train_examples: int = 0
-    eval_examples: int = 0
-    max_length: int = 64
-    successor_layers: list[int] = field(default_factory=lambda: [3])
-    successor_init: str = "first"
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    replace_rate: float = 0.5
-    linear_start: float = 0.3
-    linear_k: float = 0.0
-    proportional_k: list[float] = field(default_factory=lambda: [0.5, 0.8])
-    replacing_steps: int = 80
-    successor_steps: int = 40
-    learning_rate: float = 5e-4
-    batch_size: int = 32
-    freeze_embeddings: bool = True
-    train_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
-    seed: int = 0
-    output_dir: str = "outputs/ch4"
+    profile: str
+    task: str
+    predecessor: str
+    predecessor_steps: int
+    predecessor_learning_rate: float
+    data_dir: str
+    train_examples: int
+    eval_examples: int
+    max_length: int
+    successor_layers: list[int]
+    successor_init: str
+    methods: list[str]
+    replace_rate: float
+    linear_start: float
+    linear_k: float
+    proportional_k: list[float]
+    replacing_steps: int
+    successor_steps: int
+    learning_rate: float
+    batch_size: int
+    freeze_embeddings: bool
+    train_seeds: list[int]
+    seed: int
+    output_dir: str
 
     def __post_init__(self) -> None:
         check_choice("profile", self.profile, ("smoke", "default", "paper"))
@@ -294,6 +296,10 @@ class TheseusExperiment:
 
     def run(self, method: str, layers: int, seed: int) -> dict[str, Any]:
         """Train one compressed model of `layers` layers with `method`; its record."""
+        if "predecessor" not in self.record["results"]:
+            raise RuntimeError(
+                "call fine_tune_predecessor() first: every method starts from it or beside it."
+            )
         cfg = self.cfg
         name = f"{method}/L{layers}/seed{seed}"
         tag = name.replace("/", "-")
@@ -340,16 +346,11 @@ class TheseusExperiment:
         table = {}
         for layers in self.cfg.successor_layers:
             for method in self.cfg.method_names():
-                values = np.array(
-                    [runs[f"{method}/L{layers}/seed{s}"]["accuracy"] for s in self.cfg.train_seeds]
-                )
+                values = [runs[f"{method}/L{layers}/seed{s}"]["accuracy"] for s in self.cfg.train_seeds]
                 table[f"{method}/L{layers}"] = {
                     "method": method,
                     "layers": layers,
-                    "mean": float(values.mean()),
-                    "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-                    "min": float(values.min()),
-                    "max": float(values.max()),
+                    **seed_summary(values),
                     "seeds": list(self.cfg.train_seeds),
                 }
         self.record["results"]["methods"] = table
@@ -375,7 +376,8 @@ def claim_verdicts(results: dict[str, Any], layers: int, seeds: list[int]) -> li
     """The blog's claims, each checked against this run's per-seed accuracies at one depth.
 
     Significance is at the 5% level over seeds: a Welch test for means, an F-test for spread.
-    "Reproduced" for a claim of *no* gain means only that no significant gain was seen.
+    "Reproduced" for a claim of *no* gain means only that no significant gain was seen. A claim
+    whose methods were not run (or that needs two seeds and has one) is left out.
     """
     runs = results["runs"]
     methods = sorted({r["method"] for r in runs.values() if r["layers"] == layers})
@@ -386,63 +388,79 @@ def claim_verdicts(results: dict[str, Any], layers: int, seeds: list[int]) -> li
     binary = [m for m in methods if m.startswith("theseus-")]
     proportional = [m for m in methods if m.startswith("proportional-")]
     best_prop = max(proportional, key=lambda m: np.mean(accs(m)), default=None)
+    several = len(seeds) > 1
     verdicts = []
-    if binary and proportional and len(seeds) > 1:
-        test = spread_test([accs(m) for m in binary], [accs(m) for m in proportional])
-        ratio, p = test["ratio"], test["p"]
-        verdict = (
-            "inconclusive"
-            if ratio is None
-            else "reproduced"
-            if p < 0.05
-            else "not reproduced"
-            if ratio <= 1.0
-            else "inconclusive"
-        )
-        verdicts.append(
-            {
-                "claim": "binary random replacement varies more across seeds than proportional add",
-                "evidence": f"seed std {test['std_a']:.2f} (binary) vs {test['std_b']:.2f} (proportional)"
-                + ("" if p is None else f", F-test p = {p:.2f}"),
-                "verdict": verdict,
-                "test": test,
-            }
-        )
+    if binary and proportional and several:
+        verdicts.append(binary_less_stable([accs(m) for m in binary], [accs(m) for m in proportional]))
     if best_prop is not None:
-        gap = results["predecessor"]["accuracy"] - float(np.mean(accs(best_prop)))
-        verdicts.append(
-            {
-                "claim": "proportional add ends 0.5-1 point below the predecessor",
-                "evidence": f"`{best_prop}` is {gap:.1f} points below the "
-                f"{results['predecessor']['layers']}-layer predecessor",
-                "verdict": "reproduced" if gap <= 1.0 else "not reproduced",
-            }
-        )
-    if {"extract-finetune", "finetune-first"} <= set(methods) and len(seeds) > 1:
-        test = welch_test(accs("extract-finetune"), accs("finetune-first"))
-        gained = test["difference"] > 0 and test["p"] < 0.05
-        verdicts.append(
-            {
-                "claim": "fine-tuning layers extracted from the predecessor does not beat fine-tuning the "
-                "first layers directly",
-                "evidence": f"extracted minus direct: {test['difference']:+.1f} points (p = {test['p']:.3f})",
-                "verdict": "not reproduced" if gained else "reproduced",
-                "test": test,
-            }
-        )
-    if best_prop is not None and "extract-finetune" in methods and len(seeds) > 1:
-        test = welch_test(accs(best_prop), accs("extract-finetune"))
-        verdicts.append(
-            {
-                "claim": "module replacement is needed: it beats fine-tuning the extracted layers",
-                "evidence": f"`{best_prop}` minus extracted: {test['difference']:+.1f} points "
-                f"(p = {test['p']:.3f})",
-                "verdict": "reproduced"
-                if test["difference"] > 0 and test["p"] < 0.05
-                else "not reproduced"
-                if test["difference"] <= 0
-                else "inconclusive",
-                "test": test,
-            }
-        )
+        verdicts.append(proportional_near_predecessor(results["predecessor"], best_prop, accs(best_prop)))
+    if {"extract-finetune", "finetune-first"} <= set(methods) and several:
+        verdicts.append(extraction_no_better(accs("extract-finetune"), accs("finetune-first")))
+    if best_prop is not None and "extract-finetune" in methods and several:
+        verdicts.append(replacement_needed(best_prop, accs(best_prop), accs("extract-finetune")))
     return verdicts
+
+
+def binary_less_stable(binary: list[list[float]], proportional: list[list[float]]) -> dict[str, Any]:
+    """The blog: binary replacement varies more across seeds than proportional add (F-test)."""
+    test = spread_test(binary, proportional)
+    ratio, p = test["ratio"], test["p"]
+    verdict = (
+        "inconclusive"
+        if ratio is None
+        else "reproduced"
+        if p < 0.05
+        else "not reproduced"
+        if ratio <= 1.0
+        else "inconclusive"
+    )
+    return {
+        "claim": "binary random replacement varies more across seeds than proportional add",
+        "evidence": f"seed std {test['std_a']:.2f} (binary) vs {test['std_b']:.2f} (proportional)"
+        + ("" if p is None else f", F-test p = {p:.2f}"),
+        "verdict": verdict,
+        "test": test,
+    }
+
+
+def proportional_near_predecessor(
+    predecessor: dict[str, Any], method: str, accuracies: list[float]
+) -> dict[str, Any]:
+    """The blog: proportional add ends within about a point of the predecessor."""
+    gap = predecessor["accuracy"] - float(np.mean(accuracies))
+    return {
+        "claim": "proportional add ends 0.5-1 point below the predecessor",
+        "evidence": f"`{method}` is {gap:.1f} points below the {predecessor['layers']}-layer predecessor",
+        "verdict": "reproduced" if gap <= 1.0 else "not reproduced",
+    }
+
+
+def extraction_no_better(extracted: list[float], direct: list[float]) -> dict[str, Any]:
+    """The blog: fine-tuning the predecessor's extracted layers does not beat direct fine-tuning."""
+    test = welch_test(extracted, direct)
+    gained = test["difference"] > 0 and test["p"] < 0.05
+    return {
+        "claim": "fine-tuning layers extracted from the predecessor does not beat fine-tuning the "
+        "first layers directly",
+        "evidence": f"extracted minus direct: {test['difference']:+.1f} points (p = {test['p']:.3f})",
+        "verdict": "not reproduced" if gained else "reproduced",
+        "test": test,
+    }
+
+
+def replacement_needed(method: str, replaced: list[float], extracted: list[float]) -> dict[str, Any]:
+    """The blog's conclusion: module replacement beats fine-tuning the extracted layers."""
+    test = welch_test(replaced, extracted)
+    verdict = (
+        "reproduced"
+        if test["difference"] > 0 and test["p"] < 0.05
+        else "not reproduced"
+        if test["difference"] <= 0
+        else "inconclusive"
+    )
+    return {
+        "claim": "module replacement is needed: it beats fine-tuning the extracted layers",
+        "evidence": f"`{method}` minus extracted: {test['difference']:+.1f} points (p = {test['p']:.3f})",
+        "verdict": verdict,
+        "test": test,
+    }

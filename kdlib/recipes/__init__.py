@@ -1,1 +1,0 @@
-"""The experiments the chapters run, one module per chapter, built from kdlib's parts."""

@@ -1,0 +1,232 @@
+"""Every chapter's verdict rules, on hand-made metrics that reach each of their outcomes.
+
+The chapters' smoke runs exercise these functions on tiny slices, where the outcomes mean
+nothing; here each branch is reached on purpose, so a rule that changes shows up.
+"""
+
+import math
+
+import numpy as np
+import pytest
+
+from bookrun.chapters import CHAPTERS
+from bookrun.params import chapter_config
+from experiments import ch1_distilbert_squad as ch1
+from experiments import ch2_layer_distillation as ch2
+from experiments import ch3_distilpythia as ch3
+from experiments import ch4_theseus as ch4
+
+# --- chapter 1: the second distillation step ------------------------------------------
+
+
+def scored(em, f1):
+    per_question = (np.asarray(em, dtype=float), np.asarray(f1, dtype=float))
+    scores = {"exact_match": 100 * per_question[0].mean(), "f1": 100 * per_question[1].mean()}
+    return ch1.Scored(scores, {}, per_question, {}, 0.0)
+
+
+def test_ch1_gain_is_paired_per_seed_and_per_question():
+    cfg = chapter_config(CHAPTERS["ch1"], train_seeds=[0, 1])
+    runs = {
+        "student_alone/seed0": scored([0, 0, 1, 1], [0.0, 0.5, 1.0, 1.0]),
+        "student_distilled/seed0": scored([1, 0, 1, 1], [1.0, 0.5, 1.0, 1.0]),
+        "student_alone/seed1": scored([0, 1, 1, 1], [0.0, 1.0, 1.0, 1.0]),
+        "student_distilled/seed1": scored([0, 1, 1, 1], [0.5, 1.0, 1.0, 1.0]),
+    }
+    gain = ch1.kd_gain(cfg, runs)
+    assert gain["f1"]["per_seed"] == pytest.approx([25.0, 12.5])
+    assert gain["f1"]["seeds_improved"] == 2
+    # seed-averaged per question: alone (0, .75, 1, 1), distilled (.75, .75, 1, 1) -> gain (75, 0, 0, 0)
+    assert gain["f1"]["mean"] == pytest.approx(18.75)
+    assert gain["f1"]["se"] == pytest.approx(np.std([75, 0, 0, 0], ddof=1) / 2)
+    assert gain["exact_match"]["per_seed"] == pytest.approx([25.0, 0.0])
+    assert gain["exact_match"]["seeds_improved"] == 1  # a tie is not an improvement
+    means = ch1.seed_means(cfg, runs)
+    assert means["student_alone"]["f1"] == pytest.approx((62.5 + 75.0) / 2)
+    assert means["student_alone"]["f1_std"] == pytest.approx(np.std([62.5, 75.0], ddof=1))
+
+
+@pytest.mark.parametrize(
+    "mean, se, improved, verdict",
+    [
+        (2.0, 0.5, 3, "reproduced"),
+        (0.8, 0.5, 3, "inconclusive"),
+        (2.0, 0.5, 2, "inconclusive"),
+        (-0.3, 0.5, 1, "not reproduced"),
+    ],
+)
+def test_ch1_claim_follows_the_f1_gain(mean, se, improved, verdict):
+    gain = {
+        "f1": {"mean": mean, "se": se, "seeds_improved": improved},
+        "exact_match": {"mean": mean, "se": se, "seeds_improved": improved},
+    }
+    (claim,) = ch1.claims(gain, seeds=3)
+    assert claim["verdict"] == verdict
+    assert f"better in {improved} of 3 seeds" in claim["measured"]
+
+
+# --- chapter 2: random against fixed teacher layers ------------------------------------
+
+
+def strategy_table(random_mean):
+    return {
+        "fixed-min": {"mean": 80.0, "std": 1.0},
+        "fixed-ordered": {"mean": 81.0, "std": 1.0},
+        "fixed-reversed": {"mean": 95.0, "std": 0.2},  # the control never counts as "fixed"
+        "random-ordered": {"mean": random_mean, "std": 0.5},
+        "window-ordered": {"mean": random_mean - 3, "std": 2.0},
+    }
+
+
+@pytest.mark.parametrize(
+    "random_mean, relation, verdict",
+    [(81.5, "matches", "reproduced"), (84.0, "beats", "reproduced"), (78.0, "trails", "not reproduced")],
+)
+def test_ch2_random_vs_fixed_against_the_seed_spread(random_mean, relation, verdict):
+    comparison = ch2.random_vs_fixed(strategy_table(random_mean))
+    assert comparison["fixed"] == "fixed-ordered" and comparison["random"] == "random-ordered"
+    assert comparison["gap"] == pytest.approx(random_mean - 81.0)
+    assert comparison["noise"] == 1.0  # the larger of the two strategies' standard deviations
+    assert comparison["relation"] == relation
+    assert ch2.rail_kd_claim(comparison)["verdict"] == verdict
+
+
+def test_ch2_random_vs_fixed_needs_both_kinds():
+    assert ch2.random_vs_fixed({"fixed-min": {"mean": 80.0, "std": 1.0}}) is None
+    assert ch2.random_vs_fixed({"random-ordered": {"mean": 80.0, "std": 1.0}}) is None
+
+
+def test_ch2_alignment_summary_counts_pairs_and_averages_the_last_matrices():
+    log = [
+        {"step": 1, "teacher_layers": [0, 2], "alignment": [0, 1], "loss_matrix": [[1.0, 2.0], [3.0, 4.0]]},
+        {"step": 2, "teacher_layers": [1, 2], "alignment": [0, 1], "loss_matrix": [[9.0, 9.0], [9.0, 9.0]]},
+        {"step": 3, "teacher_layers": [0, 2], "alignment": [1, 1], "loss_matrix": [[3.0, 4.0], [5.0, 6.0]]},
+    ]
+    summary = ch2.summarise_alignment(log, teacher_depth=3, student_depth=2)
+    assert summary["pairs"] == [[1, 1], [1, 0], [0, 3]]
+    assert summary["last_teacher_layers"] == [0, 2] and summary["last_alignment"] == [1, 1]
+    # steps 1 and 3 chose the final step's layers: their mean; step 2's layers differ
+    assert summary["last_matrix"] == [[2.0, 3.0], [4.0, 5.0]]
+    assert [s["step"] for s in summary["per_step"]] == [1, 2, 3]
+    assert ch2.summarise_alignment([], 3, 2) == {"pairs": [[0, 0], [0, 0], [0, 0]]}
+
+
+# --- chapter 3: distilpythia's claims and the lambada rise ------------------------------
+
+BASE = np.array([-5.0, -6.0, -5.5, -6.5, -4.0, -7.0])
+NOISE = np.array([0.1, -0.1, 0.05, -0.05, 0.02, -0.02])
+
+
+def lm_model(shift, accuracy=60.0, entropy=3.5, nll=3.9, perplexity=50.0):
+    """A model whose lambada log-likelihoods are the base's + `shift` (+ a little noise)."""
+    loglikelihoods = (BASE + shift + (NOISE if shift else 0)).tolist()
+    return {
+        "heldout": {"perplexity": perplexity, "entropy": entropy, "nll": nll},
+        "zero_shot": {
+            "piqa": {"acc": accuracy, "acc_stderr": 1.0},
+            "lambada": {"doc_ids": list(range(len(BASE))), "loglikelihoods": loglikelihoods},
+        },
+    }
+
+
+def ch3_verdicts(models):
+    return {v["claim"].split(" ")[1]: v["verdict"] for v in ch3.claim_verdicts({"models": models})}
+
+
+def test_ch3_lambada_ratio_is_the_paired_perplexity_ratio():
+    models = {"a": lm_model(-1.0), "b": lm_model(0.0)}
+    ratio = ch3.lambada_ratio(models, "a", "b")  # a's last words are e^-1 as likely: perplexity e x
+    assert ratio["ratio"] == pytest.approx(math.e ** (1 - NOISE.mean()))
+    assert ratio["low"] > 1 and ratio["worse_share"] == 1.0
+    assert ch3.lambada_ratio(models, "a", "missing") is None
+
+
+def test_ch3_claims_reproduced_when_distillation_hurts_lambada():
+    models = {"student-base": lm_model(0.0), "kd-padded": lm_model(-1.0), "kd-packed": lm_model(-1.0)}
+    assert ch3_verdicts(models) == {
+        "distilled": "reproduced",  # nothing clearly better than the base
+        "raises": "reproduced",  # both perplexities clearly above the base's
+        "constant-length": "reproduced",  # packed no better than padded
+    }
+
+
+def test_ch3_claims_not_reproduced_when_distillation_helps():
+    models = {"student-base": lm_model(0.0), "kd-padded": lm_model(1.0), "kd-packed": lm_model(2.0)}
+    assert ch3_verdicts(models) == {
+        "distilled": "not reproduced",
+        "raises": "not reproduced",  # both clearly below
+        "constant-length": "not reproduced",  # packed clearly better
+    }
+
+
+def test_ch3_claims_inconclusive_or_decided_by_accuracy():
+    mixed = {"student-base": lm_model(0.0), "kd-padded": lm_model(-1.0), "kd-packed": lm_model(1.0)}
+    assert ch3_verdicts(mixed)["raises"] == "inconclusive"
+    # lambada no different, but piqa 10 points above the base (stderr 1 each): clearly better
+    better = {"student-base": lm_model(0.0), "kd-padded": lm_model(0.0, accuracy=70.0)}
+    (claim,) = ch3.claim_verdicts({"models": better})[:1]
+    assert claim["verdict"] == "not reproduced" and "kd-padded/piqa" in claim["evidence"]
+    within = {"student-base": lm_model(0.0), "kd-padded": lm_model(0.0, accuracy=62.0)}
+    assert ch3.claim_verdicts({"models": within})[0]["verdict"] == "reproduced"  # 2 < 2 x 1.41
+
+
+def test_ch3_lambada_findings_reach_every_outcome():
+    models = {
+        "kd-padded": lm_model(-2.0),  # worse than packed: padding supported
+        "kd-packed": lm_model(-1.0, entropy=3.9, nll=3.7),  # flatter: entropy - NLL 0.2
+        "clm-packed": lm_model(-1.0, entropy=3.5, nll=3.5),  # same lambada as kd-packed
+    }
+    findings = {f["cause"].split(" ")[0]: f["verdict"] for f in ch3.lambada_findings({"models": models})}
+    assert findings == {
+        "padding": "supported",
+        "distillation": "not supported",
+        "the": "not tested",  # no T = 1 run
+        "a": "supported",  # 0.2 - 0.0 > 0.05 nats flatter
+    }
+
+
+# --- chapter 4: module replacement ----------------------------------------------------
+
+
+def theseus_results(per_method, predecessor=70.5):
+    runs = {
+        f"{m}/L3/seed{s}": {"method": m, "layers": 3, "accuracy": a}
+        for m, accs in per_method.items()
+        for s, a in enumerate(accs)
+    }
+    return {"runs": runs, "predecessor": {"accuracy": predecessor, "layers": 6}}
+
+
+def ch4_verdicts(per_method, predecessor=70.5):
+    found = ch4.claim_verdicts(theseus_results(per_method, predecessor), 3, [0, 1, 2])
+    return {v["claim"].split(" ")[0]: v["verdict"] for v in found}
+
+
+def test_ch4_verdicts_when_no_claim_holds():
+    verdicts = ch4_verdicts(
+        {
+            "finetune-first": [50.0, 51.0, 49.0],
+            "extract-finetune": [60.0, 61.0, 59.0],  # extraction clearly beats direct fine-tuning
+            "theseus-constant": [60.0, 60.5, 59.5],  # binary tighter than proportional
+            "proportional-0.5": [50.0, 58.0, 54.0],  # and below extraction
+        }
+    )
+    assert verdicts == {
+        "binary": "not reproduced",
+        "proportional": "not reproduced",  # 16.5 points below the predecessor
+        "fine-tuning": "not reproduced",
+        "module": "not reproduced",
+    }
+
+
+def test_ch4_verdicts_inconclusive_within_the_noise():
+    verdicts = ch4_verdicts(
+        {
+            "extract-finetune": [60.0, 62.0, 58.0],
+            "theseus-constant": [59.0, 62.0, 56.0],  # a little wider: ratio > 1, p well above 0.05
+            "proportional-0.5": [61.0, 63.0, 59.0],  # above extraction, not significantly
+        }
+    )
+    assert verdicts["binary"] == "inconclusive" and verdicts["module"] == "inconclusive"
+    flat = ch4_verdicts({"theseus-constant": [50.0, 60.0, 55.0], "proportional-0.5": [60.0, 60.0, 60.0]})
+    assert flat["binary"] == "inconclusive"  # proportional add has no spread: no ratio to test
