@@ -7,12 +7,14 @@ from transformers import BertForSequenceClassification
 
 from kdlib.alignment import layer_loss_matrix
 from kdlib.batching import FeatureDataset, PadCollator, RaggedArray
+from kdlib.cache import TeacherOutputCache
 from kdlib.config import ConfigError
 from kdlib.layer_distillation import (
     PROJECTION,
     LayerDistillationArguments,
     LayerDistillationTrainer,
     add_projection,
+    cached_teacher_states,
 )
 from kdlib.trainer import quiet_arguments
 
@@ -109,6 +111,24 @@ def test_cached_hidden_states_give_the_online_loss(tmp_path):
     a = online.compute_loss(student, dict(batch_of(ds)))
     b = offline.compute_loss(student, dict(batch_of(cached)))
     assert a.item() == pytest.approx(b.item(), rel=1e-4)
+
+
+def test_cached_teacher_states_are_the_teachers_outputs_computed_once(tmp_path):
+    teacher, _ = models()
+    data = rows()
+    cache = TeacherOutputCache(tmp_path / "cache")
+    first = cached_teacher_states(teacher, data, 0, cache)
+    again = cached_teacher_states(teacher, data, 0, cache)
+    assert (cache.misses, cache.hits) == (1, 1)  # the second call reads what the first stored
+    tokens = sum(len(ids) for ids in data["input_ids"])
+    assert first["megabytes"] == pytest.approx(tokens * 4 * 16 * 2 / 2**20)  # 4 layers x 16 wide, fp16
+    for i, ids in enumerate(data["input_ids"]):
+        with torch.no_grad():
+            out = teacher(input_ids=torch.tensor([ids]), output_hidden_states=True)
+        states = torch.stack(out.hidden_states[1:], dim=2)[0].numpy()  # [seq, layers, width], no embeddings
+        np.testing.assert_allclose(first["teacher_hidden_states"][i], states, atol=5e-3)  # fp16 storage
+        np.testing.assert_allclose(first["teacher_logits"][i], out.logits[0].numpy(), atol=1e-5)
+        np.testing.assert_array_equal(again["teacher_hidden_states"][i], first["teacher_hidden_states"][i])
 
 
 def test_training_logs_terms_and_the_alignment_of_every_step(tmp_path):

@@ -140,3 +140,18 @@ def test_max_answer_length_is_enforced(tiny_tokenizer):
     short = qa.predict_answers([ex], windows, [s], [e], max_answer_length=2)
     assert long_ok["q1"] == CONTEXT
     assert len(short["q1"].split()) <= 2
+
+
+def test_subset_keeps_each_windows_fields_together():
+    windows = qa.QAWindows(
+        {"input_ids": [[1], [2, 2], [3, 3, 3]], "attention_mask": [[1], [1, 1], [1, 1, 1]]},
+        example_index=[0, 0, 1],
+        offsets=[[None], [None, (0, 1)], [None, (0, 2), (3, 4)]],
+        start_positions=[0, 1, 2],
+        end_positions=[0, 1, 2],
+    )
+    picked = windows.subset([2, 0])
+    assert picked.features["input_ids"] == [[3, 3, 3], [1]]
+    assert picked.features["attention_mask"] == [[1, 1, 1], [1]]
+    assert picked.example_index == [1, 0] and picked.start_positions == [2, 0]
+    assert picked.offsets[0] == [None, (0, 2), (3, 4)] and len(picked) == 2

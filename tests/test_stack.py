@@ -5,7 +5,7 @@ import torch
 from transformers import BertForSequenceClassification
 
 from kdlib.config import ConfigError
-from kdlib.stack import keep_layers, layer_stack
+from kdlib.stack import keep_layers, layer_stack, middle_block
 
 from conftest import tiny_bert_config, tiny_llama
 
@@ -49,3 +49,13 @@ def test_keeping_every_layer_changes_nothing():
 def test_bad_layer_lists_are_refused(indices):
     with pytest.raises(ConfigError, match="keep_layers"):
         keep_layers(llama(), indices)
+
+
+def test_middle_block_drops_one_contiguous_block_in_the_middle():
+    assert middle_block(30, 24) == [*range(12), *range(18, 30)]  # layers 12-17 dropped
+    assert middle_block(6, 3) == [0, 4, 5]  # drop 3: the block starts at (6 - 3) // 2
+    assert middle_block(4, 4) == [0, 1, 2, 3]
+    with pytest.raises(ConfigError, match="student_layers = 0"):
+        middle_block(30, 0, "student_layers")
+    with pytest.raises(ConfigError, match="keep = 31"):
+        middle_block(30, 31)

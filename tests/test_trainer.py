@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from kdlib import qa
-from kdlib.batching import FeatureDataset, PadCollator
+from kdlib.batching import PadCollator
 from kdlib.config import ConfigError
 from kdlib.losses import soft_target_kl
+from kdlib.qa_teacher import window_dataset
 from kdlib.trainer import (
     DistillationArguments,
     DistillationTrainer,
@@ -49,11 +50,7 @@ def examples():
 
 def dataset(tokenizer, teacher_logits=None):
     windows = qa.prepare_windows(examples(), tokenizer, max_length=24, stride=4)
-    columns = dict(
-        windows.features, start_positions=windows.start_positions, end_positions=windows.end_positions
-    )
-    extra = {f"teacher_{k}": v for k, v in (teacher_logits or {}).items()}
-    return windows, FeatureDataset(columns, extra)
+    return windows, window_dataset(windows, teacher_logits)
 
 
 def args(tmp_path, **overrides):
@@ -318,3 +315,20 @@ def test_teacher_precision_is_part_of_the_cache_key(tmp_path, tiny_qa_pair, tiny
     np.testing.assert_allclose(half["start_logits"], full["start_logits"], atol=0.1)
     teacher_span_logits(teacher, windows, 0, cache, precision="bfloat16")
     assert cache.hits == 1
+
+
+def test_quiet_arguments_print_nothing_but_keep_the_log(tmp_path, tiny_qa_pair, tiny_tokenizer):
+    from transformers import PrinterCallback
+
+    _, student = tiny_qa_pair
+    _, data = dataset(tiny_tokenizer)
+    quiet = args(tmp_path, alpha_ce=0.0, alpha_task=1.0)
+    assert (quiet.disable_tqdm, quiet.print_logs, quiet.save_strategy) == (True, False, "no")
+    assert quiet_arguments(output_dir=str(tmp_path), save_strategy="steps").save_strategy == "steps"
+    trainer = DistillationTrainer(model=student, args=quiet, train_dataset=data, data_collator=PadCollator(0))
+    assert not any(isinstance(c, PrinterCallback) for c in trainer.callback_handler.callbacks)
+    trainer.train()
+    assert any("loss_task" in entry for entry in trainer.state.log_history)  # logged, not printed
+    loud = args(tmp_path, alpha_ce=0.0, alpha_task=1.0, print_logs=True)
+    trainer = DistillationTrainer(model=student, args=loud, train_dataset=data, data_collator=PadCollator(0))
+    assert any(isinstance(c, PrinterCallback) for c in trainer.callback_handler.callbacks)
