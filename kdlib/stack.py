@@ -62,16 +62,20 @@ def with_layers(model: nn.Module, layers: Sequence[nn.Module]) -> nn.Module:
     return new.requires_grad_(True)
 
 
-def keep_layers(model: nn.Module, indices: Sequence[int], parameter: str = "keep_layers") -> nn.Module:
-    """The model with only the layers at `indices` (distinct, increasing), everything else kept."""
+def check_layer_indices(indices: Sequence[int], depth: int, parameter: str = "keep_layers") -> None:
+    """Refuse `indices` unless they are distinct, increasing layer indices of a `depth`-layer stack."""
     from kdlib.config import ConfigError
 
-    depth = len(layer_stack(model))
     if not indices or list(indices) != sorted(set(indices)) or indices[0] < 0 or indices[-1] >= depth:
         raise ConfigError(
             f"{parameter} = {list(indices)}: give distinct, increasing layer indices in 0..{depth - 1}."
         )
+
+
+def keep_layers(model: nn.Module, indices: Sequence[int], parameter: str = "keep_layers") -> nn.Module:
+    """The model with only the layers at `indices` (distinct, increasing), everything else kept."""
     stack = layer_stack(model)
+    check_layer_indices(indices, len(stack), parameter)
     return with_layers(model, [stack[i] for i in indices])
 
 

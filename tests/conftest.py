@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,6 +14,35 @@ from kdlib.runtime import keep_freed_memory
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
 keep_freed_memory()  # as the book and the benchmark run: see kdlib.runtime
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """The data mirror and the fine-tuned teachers (../shared): skip without them, fail in CI."""
+    missing = [v for v in ("KDLIB_DATA_DIR", "KDLIB_MODELS_DIR") if not os.environ.get(v)]
+    if missing:
+        reason = f"{missing} not set: the chapters read the data mirror and fine-tuned teachers"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def smoke_book(shared_data, tmp_path_factory):
+    """The whole book built once at the smoke profile, as `make book PROFILE=smoke` builds it:
+    its build folder (each chapter's metrics.json under outputs/smoke/<chapter>, the HTML under
+    site). The chapter tests read the records, the page tests the pages."""
+    build = tmp_path_factory.mktemp("build")
+    result = subprocess.run(
+        [sys.executable, "-m", "bookrun", "build", "--profile", "smoke"],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env=dict(os.environ, BOOKRUN_BUILD_DIR=str(build)),
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return build
+
 
 WORDS = (
     "[PAD] [UNK] [CLS] [SEP] [MASK] the a an of in was is who what when where did born city paris france "

@@ -17,10 +17,11 @@ import time
 import numpy as np
 import pytest
 import torch
-from transformers import BertForSequenceClassification
+from transformers import AutoTokenizer, BertForSequenceClassification
 
 from bookrun.chapters import CHAPTERS
 from bookrun.params import chapter_config, resolve
+from experiments.ch1_distilbert_squad import check_models
 from kdlib import qa
 from kdlib.alignment import align, select_teacher_layers
 from kdlib.batching import FeatureDataset, PadCollator
@@ -212,6 +213,11 @@ def unknown_divergence(tmp):
     LMDistillationArguments(output_dir=str(tmp / "out"), divergence="tv")
 
 
+def student_layer_out_of_range(tmp):
+    cfg = chapter_config(CHAPTERS["ch1"], student_layers=[0, 2, 6])  # minilm-l6 has 6 layers
+    check_models(AutoTokenizer.from_pretrained(resolve_model("minilm-l6")), cfg)
+
+
 def unknown_teacher_precision(tmp):
     chapter_config(CHAPTERS["ch1"], teacher_precision="fp16")
 
@@ -261,6 +267,7 @@ CASES = [
     (warm_start_layer_out_of_range, ConfigError, r"keep_layers = \[0, 3\]", "0..0"),
     (layer_list_not_increasing, ConfigError, "teacher_layers", "distinct and increasing"),
     (unknown_divergence, ConfigError, "divergence = 'tv'", "forward"),
+    (student_layer_out_of_range, ConfigError, r"student_layers = \[0, 2, 6\]", "0..5"),
     (unknown_teacher_precision, ConfigError, "teacher_precision = 'fp16'", "bfloat16"),
     (distillation_runs_without_a_distillation_term, ConfigError, "alpha_clm = 1.0", "a < 1"),
     (unknown_lm_run, ConfigError, "kd-shuffled", "kd-padded"),

@@ -7,23 +7,15 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from bookrun.chapters import CHAPTERS
 from kdlib.report import VERDICTS
 
 
-def needs_shared_data():
-    missing = [v for v in ("KDLIB_DATA_DIR", "KDLIB_MODELS_DIR") if not os.environ.get(v)]
-    if missing:
-        reason = f"{missing} not set: the chapters read the data mirror and fine-tuned teachers"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-
-
 @pytest.fixture(scope="module")
-def ch1_metrics(tmp_path_factory):
-    needs_shared_data()
+def ch1_metrics(shared_data, tmp_path_factory):
+    """Chapter 1 run on its own through the CLI, with an override on top of the smoke profile."""
     out = tmp_path_factory.mktemp("ch1")
     result = subprocess.run(
         [
@@ -143,8 +135,7 @@ def test_ch1_paper_profile_fails_fast_offline(tmp_path):
 
 
 @pytest.mark.slow
-def test_teacher_command_saves_a_loadable_stamped_teacher(tmp_path, monkeypatch):
-    needs_shared_data()
+def test_teacher_command_saves_a_loadable_stamped_teacher(shared_data, tmp_path, monkeypatch):
     from experiments.ch1_teacher import TeacherRecipe, train_teacher
     from kdlib.registry import STAMP, WEIGHTS, sha256_file
 
@@ -156,23 +147,14 @@ def test_teacher_command_saves_a_loadable_stamped_teacher(tmp_path, monkeypatch)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".teacher-")]
 
 
-def smoke_metrics(tmp_path_factory, key):
-    """Run chapter `key` at the smoke profile through the CLI; the metrics.json it wrote."""
-    needs_shared_data()
-    out = tmp_path_factory.mktemp(key)
-    result = subprocess.run(
-        [sys.executable, "-m", "bookrun", "run", key, "--profile", "smoke", "--output-dir", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads((out / "metrics.json").read_text())
+def smoke_metrics(smoke_book, key):
+    """The metrics.json chapter `key` wrote in the smoke build of the whole book."""
+    return json.loads((smoke_book / "outputs" / "smoke" / key / "metrics.json").read_text())
 
 
 @pytest.fixture(scope="module")
-def ch2_metrics(tmp_path_factory):
-    return smoke_metrics(tmp_path_factory, "ch2")
+def ch2_metrics(smoke_book):
+    return smoke_metrics(smoke_book, "ch2")
 
 
 def test_ch2_runs_every_strategy_and_seed(ch2_metrics):
@@ -219,8 +201,8 @@ def test_ch2_logs_layer_and_kd_terms(ch2_metrics):
 
 
 @pytest.fixture(scope="module")
-def ch4_metrics(tmp_path_factory):
-    return smoke_metrics(tmp_path_factory, "ch4")
+def ch4_metrics(smoke_book):
+    return smoke_metrics(smoke_book, "ch4")
 
 
 def test_ch4_runs_every_method_and_seed(ch4_metrics):
@@ -249,8 +231,8 @@ def test_ch4_records_what_replacement_did(ch4_metrics):
 
 
 @pytest.fixture(scope="module")
-def ch3_metrics(tmp_path_factory):
-    return smoke_metrics(tmp_path_factory, "ch3")
+def ch3_metrics(smoke_book):
+    return smoke_metrics(smoke_book, "ch3")
 
 
 def test_ch3_scores_every_model_it_trains(ch3_metrics):
@@ -283,3 +265,21 @@ def test_ch3_measures_the_top_k_cache_and_checks_the_card(ch3_metrics):
     assert ch3_metrics["results"]["warm_start"]["candidates"]["28"]["layers"] == 28
     claims = {c["claim"]: c for c in ch3_metrics["claims"]}
     assert len(claims) == 3 and all(c["verdict"] in VERDICTS for c in claims.values())
+
+
+def test_ch1_student_is_its_encoders_chosen_layers_with_a_new_head():
+    from bookrun.params import chapter_config
+    from experiments.ch1_distilbert_squad import load_student
+    from kdlib.qa_teacher import load_qa_model
+    from kdlib.stack import layer_stack
+
+    cfg = chapter_config(CHAPTERS["ch1"])  # the default: minilm-l6 cut to its layers 0, 2, 4
+    student, _ = load_student(cfg)
+    full, _ = load_qa_model(cfg.student)
+    kept = layer_stack(student)
+    assert len(kept) == len(cfg.student_layers) == student.config.num_hidden_layers == 3
+    for layer, index in zip(kept, cfg.student_layers):
+        source = layer_stack(full)[index].state_dict()
+        assert all(torch.equal(v, source[k]) for k, v in layer.state_dict().items())
+    embeddings = student.bert.embeddings.word_embeddings.weight
+    assert torch.equal(embeddings, full.bert.embeddings.word_embeddings.weight)

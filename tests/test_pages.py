@@ -10,11 +10,9 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from html.parser import HTMLParser
 
 import pytest
-from test_chapters import needs_shared_data
 
 from bookrun.chapters import CHAPTERS
 
@@ -29,20 +27,8 @@ def chromium() -> str:
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    needs_shared_data()
-    browser = chromium()
-    build = tmp_path_factory.mktemp("build")
-    env = dict(os.environ, BOOKRUN_BUILD_DIR=str(build))
-    result = subprocess.run(
-        [sys.executable, "-m", "bookrun", "build", "--profile", "smoke"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env,
-    )
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    return build / "site" / "_build" / "html", browser, tmp_path_factory.mktemp("chromium")
+def site(smoke_book, tmp_path_factory):
+    return smoke_book / "site" / "_build" / "html", chromium(), tmp_path_factory.mktemp("chromium")
 
 
 def rendered(site, page: str) -> str:

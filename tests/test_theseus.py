@@ -191,7 +191,7 @@ def test_chapter_config_checks_replacement_settings_before_any_work():
     from bookrun.chapters import CHAPTERS
     from bookrun.params import chapter_config
 
-    cfg = chapter_config(CHAPTERS["ch4"], replacing_steps=101, linear_start=0.3)
+    cfg = chapter_config(CHAPTERS["ch4"], replacing_steps=101, linear_start=0.3, proportional_k=[0.5, 0.8])
     assert cfg.linear_slope() == pytest.approx(0.007)  # p reaches 1 at the last replacing step
     assert cfg.policies()["theseus-linear"].rate(100) == pytest.approx(1.0)
     assert cfg.method_names()[-2:] == ["proportional-0.5", "proportional-0.8"]

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 import transformers
-from transformers import AutoTokenizer, EvalPrediction
+from transformers import AutoConfig, AutoTokenizer, EvalPrediction
 
 from kdlib import qa
 from kdlib.batching import PadCollator
@@ -30,6 +30,7 @@ from kdlib.data import load_squad, split_by_article
 from kdlib.qa_teacher import PRECISIONS, load_qa_model, span_logits, teacher_span_logits, window_dataset
 from kdlib.registry import quiet_transformers, resolve_model
 from kdlib.report import RunRecord, claim_record, gain_verdict, write_json_atomic
+from kdlib.stack import check_layer_indices, keep_layers
 from kdlib.stats import paired_difference, seed_summary
 from kdlib.trainer import (
     DistillationArguments,
@@ -49,6 +50,7 @@ class SquadDistillationConfig:
     profile: str
     teacher: str
     student: str
+    student_layers: list[int]
     data_dir: str
     split: str
     heldout_articles: list[int]
@@ -179,12 +181,30 @@ class SquadMetric:
         return {"exact_match": scores["exact_match"], "f1": scores["f1"]}
 
 
-def check_models(teacher_tokenizer: Any, student_name: str) -> Any:
-    """Load the student's tokenizer and check it tokenises like the teacher's, before training."""
+def check_models(teacher_tokenizer: Any, cfg: SquadDistillationConfig) -> Any:
+    """Before any training: the student tokenises like the teacher, and its layers to keep exist."""
     with quiet_transformers():
-        student_tokenizer = AutoTokenizer.from_pretrained(resolve_model(student_name))
+        path = resolve_model(cfg.student)
+        student_tokenizer = AutoTokenizer.from_pretrained(path)
+        depth = AutoConfig.from_pretrained(path).num_hidden_layers
     check_same_tokenization(teacher_tokenizer, student_tokenizer)
+    if cfg.student_layers:
+        check_layer_indices(cfg.student_layers, depth, "student_layers")
     return student_tokenizer
+
+
+def load_student(cfg: SquadDistillationConfig) -> tuple[torch.nn.Module, Any]:
+    """The student as it starts: `cfg.student` with a new answer head, cut to `student_layers`.
+
+    DistilBERT initialised its student from every other layer of its teacher; cutting a
+    pretrained encoder the same way gives a 3-layer student that already represents text well,
+    where a model pretrained at 3 layers learns SQuAD far more slowly (measured: F1 54 against 12
+    after the same 747 steps).
+    """
+    model, tokenizer = load_qa_model(cfg.student)
+    if cfg.student_layers:
+        model = keep_layers(model, cfg.student_layers, "student_layers")
+    return model, tokenizer
 
 
 def reference_numbers() -> dict[str, Any]:
@@ -317,7 +337,7 @@ def train_student(
     name = f"{STUDENTS[distil]}/seed{seed}"
     use_teacher = distil and cfg.alpha_ce > 0
     transformers.set_seed(seed)
-    model, tokenizer = load_qa_model(cfg.student)
+    model, tokenizer = load_student(cfg)
     args = student_arguments(cfg, data, name, seed, use_teacher)
     curve = data.curve
     trainer = DistillationTrainer(
