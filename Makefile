@@ -17,7 +17,7 @@ export KDLIB_MODELS_DIR ?= $(if $(wildcard $(SHARED)/models),$(SHARED)/models,)
 # for grep: pip check reports their declared dependencies as missing, by design
 NODEPS := $(shell sed -e 's/[=<>].*//' -e '/^\#/d' -e '/^$$/d' requirements-nodeps.txt requirements-bench.txt | paste -s -d '|')
 
-.PHONY: setup book test chapter params teacher notebooks bench clean
+.PHONY: setup book test chapter reference params teacher notebooks bench clean
 
 setup: $(VENV)/.installed
 
@@ -42,6 +42,11 @@ test: setup
 
 chapter: setup
 	$(PY) -m bookrun run $(CH) --profile $(PROFILE) $(PARAMS)
+
+# the chapter at its reference profile (up to ~100 minutes on 2 cores), replacing its committed
+# record in book/records/$(CH); run it on a clean checkout and commit the record
+reference: setup
+	$(PY) -m bookrun reference $(CH)
 
 params: setup
 	$(PY) -m bookrun params $(CH)

@@ -1,4 +1,4 @@
-"""Command line: `python -m bookrun {build,run,params} ...` (see README)."""
+"""Command line: `python -m bookrun {build,run,reference,notebooks,params} ...` (see README)."""
 
 from __future__ import annotations
 
@@ -42,6 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     p_notebooks.add_argument("--profile", default="default", choices=PROFILES)
     p_notebooks.add_argument("--out", type=Path, default=Path("_build/notebooks"))
 
+    p_reference = sub.add_parser(
+        "reference", help="run a chapter at its reference profile and replace its committed record"
+    )
+    p_reference.add_argument("chapter", choices=list(CHAPTERS))
+    p_reference.add_argument(
+        "--allow-uncommitted",
+        action="store_true",
+        help="run although what decides the numbers has uncommitted changes (the record says so)",
+    )
+
     p_params = sub.add_parser("params", help="list a chapter's parameters, types, defaults, meaning")
     p_params.add_argument("chapter", choices=list(CHAPTERS))
 
@@ -54,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "notebooks":
             for path in notebooks.write_notebooks(list(CHAPTERS.values()), args.profile, args.out):
                 print(path)
+        elif args.command == "reference":
+            from bookrun.records import run_reference
+
+            run_reference(get_chapter(args.chapter), allow_dirty=args.allow_uncommitted)
         elif args.command == "run":
             overrides = {name: params.parse_value(value) for name, value in args.param}
             execute.run_chapter(get_chapter(args.chapter), args.profile, overrides, args.output_dir)

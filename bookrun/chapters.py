@@ -8,7 +8,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BOOK = ROOT / "book"
-PROFILES = ("smoke", "default", "paper")
+PROFILES = ("smoke", "default", "reference", "paper")
+"""smoke: the tests; default: the published build; reference: what decides the claims (run
+outside CI, its record committed: `bookrun.records`); paper: the papers' setting, for a GPU."""
 
 
 @dataclass(frozen=True)

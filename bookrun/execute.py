@@ -21,7 +21,7 @@ from typing import Any
 import jupytext
 import papermill
 
-from bookrun import notebooks, results
+from bookrun import notebooks, records, results
 from bookrun.chapters import CHAPTERS, ROOT, Chapter
 from bookrun.params import resolve
 from kdlib.config import ConfigError
@@ -141,7 +141,8 @@ def build(profile: str, keys: list[str] | None = None, execute_chapters: bool = 
         (c, results.read_metrics(outputs_dir(c, profile) / "metrics.json") if execute_chapters else None)
         for c in CHAPTERS.values()
     ]
-    (SOURCE_TREE / "book" / "results.md").write_text(results.results_page(measured))
+    references = {c.key: r for c in CHAPTERS.values() if (r := records.read_record(c)) is not None}
+    (SOURCE_TREE / "book" / "results.md").write_text(results.results_page(measured, references))
     # the workshop notebooks, served with the site (html_extra_path) and linked from each chapter
     notebooks.write_notebooks(list(CHAPTERS.values()), profile, SOURCE_TREE / "_workshop" / "notebooks")
     command = [

@@ -21,7 +21,7 @@ import jupytext
 import papermill
 import yaml
 
-from bookrun.chapters import PROFILES, Chapter
+from bookrun.chapters import PROFILES, ROOT, Chapter
 from kdlib.config import ConfigError, from_mapping
 
 
@@ -64,6 +64,8 @@ def profile_values(chapter: Chapter, profile: str) -> dict[str, Any]:
     if profile not in PROFILES:
         raise ConfigError(f"profile = {profile!r} is not allowed: choose one of {list(PROFILES)}.")
     path = chapter.params_file(profile)
+    if not path.is_file():
+        raise ConfigError(f"chapter {chapter.key} has no {profile} profile yet ({path.relative_to(ROOT)}).")
     values = yaml.safe_load(path.read_text()) or {}
     if not isinstance(values, dict):
         raise ConfigError(f"{path} must be a mapping of parameter names to values.")

@@ -36,48 +36,76 @@ def chapter_title(chapter: Chapter) -> str:
     return chapter.stem
 
 
-def results_page(chapters: list[tuple[Chapter, dict[str, Any] | None]]) -> str:
-    """The book's results page (MyST markdown): per chapter, one row per claim it tests."""
+def _run_row(chapter: Chapter, metrics: dict[str, Any], which: str) -> str:
+    hw = metrics["hardware"]
+    return (
+        f"| {{doc}}`{chapter.key} <{chapter.stem}>` | {which} | {metrics['profile']} | "
+        f"{_minutes(metrics['wall_time_s'])} | {metrics['peak_memory_mb'] / 1024:.1f} GB | "
+        f"{hw['processor']}, {hw['torch_threads']} threads, {hw.get('gpu') or 'no GPU'} |"
+    )
+
+
+def results_page(
+    chapters: list[tuple[Chapter, dict[str, Any] | None]],
+    references: dict[str, dict[str, Any]] | None = None,
+) -> str:
+    """The book's results page (MyST markdown): per chapter, one row per claim it tests.
+
+    A chapter's committed reference record (`references`, by chapter key) decides its verdicts;
+    without one, the verdicts are this build's run's, labelled as too small to decide.
+    """
+    references = references or {}
     lines = [
         "# Results",
         "",
-        "Every claim the chapters test, the verdict, what this book's run measured, and the figure",
-        "its source published, read from each chapter's `metrics.json` when the book was built.",
-        "Verdicts follow each chapter's stated test: *reproduced*, *not reproduced*, or",
-        "*inconclusive* (within the noise of the run). Each chapter says why a result at its scale",
+        "Every claim the chapters test, the verdict, what the deciding run measured, and the figure",
+        "its source published, read from the runs' `metrics.json` when the book was built. A",
+        "chapter's *reference* run (long, run outside CI, its record committed) decides its claims;",
+        "where a chapter has none yet, the verdict is this build's run's, which is too small to decide",
+        "and is marked so. Verdicts follow each chapter's stated test: *reproduced*, *not reproduced*,",
+        "or *inconclusive* (within the noise of the run). Each chapter says why a result at its scale",
         "may differ from the source's.",
     ]
     runs = []
     for chapter, metrics in chapters:
         lines += ["", f"## [{chapter_title(chapter)}]({chapter.stem}.ipynb)", ""]  # as built
-        if metrics is None:
+        reference = references.get(chapter.key)
+        if metrics is None and reference is None:
             lines.append("Not run in this build.")
             continue
+        decided: dict[str, Any] = reference if reference is not None else metrics  # type: ignore[assignment]
+        if reference is not None:
+            source = f"reference run, commit `{reference['record']['commit'][:10]}`"
+        else:
+            source = f"this build's {decided['profile']} run: too small to decide"
+        live = {
+            c["claim"]: f"this build's {metrics['profile']} run: {c['verdict']}"
+            for c in (metrics or {}).get("claims", [])
+        }
         lines += [
-            "| claim | verdict | this book | source's figure | public replication |",
-            "|---|---|---|---|---|",
+            "| claim | verdict | decided by | measured | source's figure | public replication |",
+            "|---|---|---|---|---|---|",
         ]
-        for claim in metrics.get("claims", []):
+        for claim in decided.get("claims", []):
+            by = source
+            if reference is not None and claim["claim"] in live:
+                by += f" ({live[claim['claim']]})"
             lines.append(
-                f"| {_cell(claim['claim'])} | **{claim['verdict']}** | {_cell(claim['measured'])} | "
-                f"{_cell(claim['paper'])} | {_cell(claim.get('replication'))} |"
+                f"| {_cell(claim['claim'])} | **{claim['verdict']}** | {_cell(by)} | "
+                f"{_cell(claim['measured'])} | {_cell(claim['paper'])} | {_cell(claim.get('replication'))} |"
             )
-        runs.append(
-            f"| {{doc}}`{chapter.key} <{chapter.stem}>` | {metrics['profile']} | "
-            f"{_minutes(metrics['wall_time_s'])} | {metrics['peak_memory_mb'] / 1024:.1f} GB |"
-        )
+        if metrics is not None:
+            runs.append(_run_row(chapter, metrics, "this build"))
+        if reference is not None:
+            runs.append(_run_row(chapter, reference, f"reference, {reference['record']['date']}"))
     lines += [
         "",
         "## The runs behind these numbers",
         "",
-        "| chapter | profile | wall time | peak memory |",
-        "|---|---|---|---|",
+        "| chapter | run | profile | wall time | peak memory | hardware |",
+        "|---|---|---|---|---|---|",
         *runs,
     ]
-    hardware = next((m["hardware"] for _, m in chapters if m), None)
-    if hardware:
-        gpu = hardware.get("gpu") or "no GPU"
-        lines += ["", f"On {hardware['processor']}, {hardware['torch_threads']} threads, {gpu}."]
     return "\n".join(lines) + "\n"
 
 

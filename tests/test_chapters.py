@@ -283,3 +283,26 @@ def test_ch1_student_is_its_encoders_chosen_layers_with_a_new_head():
         assert all(torch.equal(v, source[k]) for k, v in layer.state_dict().items())
     embeddings = student.bert.embeddings.word_embeddings.weight
     assert torch.equal(embeddings, full.bert.embeddings.word_embeddings.weight)
+
+
+def test_ch1_record_agrees_with_itself_and_tampering_is_caught(ch1_metrics):
+    import copy
+
+    from experiments.ch1_distilbert_squad import check_record
+
+    _, metrics = ch1_metrics
+    assert check_record(metrics) == []
+    tampered = copy.deepcopy(metrics)
+    tampered["results"]["student_distilled"]["f1"] += 1.0
+    assert check_record(tampered) == [
+        "student_distilled f1 {} is not its seeds' mean".format(
+            tampered["results"]["student_distilled"]["f1"]
+        )
+    ]
+    flipped = copy.deepcopy(metrics)
+    flipped["claims"][0]["verdict"] = (
+        "not reproduced" if metrics["claims"][0]["verdict"] != "not reproduced" else "reproduced"
+    )
+    assert check_record(flipped) == [
+        "the verdict does not follow from the recorded gain by the chapter's rule"
+    ]

@@ -22,6 +22,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoTokenizer, EvalPrediction
 
+from bookrun.chapters import PROFILES
 from kdlib import qa
 from kdlib.batching import PadCollator
 from kdlib.cache import TeacherOutputCache
@@ -76,7 +77,7 @@ class SquadDistillationConfig:
     output_dir: str
 
     def __post_init__(self) -> None:
-        check_choice("profile", self.profile, ("smoke", "default", "paper"))
+        check_choice("profile", self.profile, PROFILES)
         check_choice("split", self.split, SPLITS)
         check_choice("teacher_precision", self.teacher_precision, PRECISIONS)
         if self.split == "dev-by-article" and not self.heldout_articles:
@@ -440,3 +441,34 @@ def write_record(
     record["timings"] = {k: round(v, 1) for k, v in timings.items()}
     record["cache"] = {"hits": cache.hits, "misses": cache.misses}
     return record.write(out / "metrics.json")
+
+
+def check_record(metrics: dict[str, Any]) -> list[str]:
+    """What in a chapter 1 record disagrees with itself: each student's summary against its
+    per-seed scores, the paired gain against the per-seed differences, and the verdict against
+    `claims`' rule on the recorded gain. [] when it is consistent."""
+    results, seeds = metrics["results"], metrics["parameters"]["train_seeds"]
+    problems = []
+    for student in STUDENTS:
+        for metric in ("exact_match", "f1"):
+            values = [results["runs"][f"{student}/seed{s}"][metric] for s in seeds]
+            summary = seed_summary(values)
+            if not math.isclose(results[student][metric], summary["mean"], rel_tol=1e-9, abs_tol=1e-9):
+                problems.append(f"{student} {metric} {results[student][metric]} is not its seeds' mean")
+            if not math.isclose(
+                results[student][f"{metric}_std"], summary["std"], rel_tol=1e-9, abs_tol=1e-9
+            ):
+                problems.append(f"{student} {metric}_std is not its seeds' standard deviation")
+    for metric, gain in results["kd_gain"].items():
+        per_seed = [
+            results["runs"][f"student_distilled/seed{s}"][metric]
+            - results["runs"][f"student_alone/seed{s}"][metric]
+            for s in seeds
+        ]
+        if not np.allclose(gain["per_seed"], per_seed) or gain["seeds_improved"] != sum(
+            g > 0 for g in per_seed
+        ):
+            problems.append(f"the {metric} gain per seed is not distilled minus alone")
+    if metrics["claims"] != claims(results["kd_gain"], len(seeds)):
+        problems.append("the verdict does not follow from the recorded gain by the chapter's rule")
+    return problems

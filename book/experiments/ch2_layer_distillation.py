@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import transformers
 
+from bookrun.chapters import PROFILES
 from kdlib.batching import FeatureDataset, PadCollator
 from kdlib.cache import TeacherOutputCache
 from kdlib.classification import accuracy, encode, fine_tune, load_classifier
@@ -76,7 +77,7 @@ class LayerExperimentConfig:
     output_dir: str
 
     def __post_init__(self) -> None:
-        check_choice("profile", self.profile, ("smoke", "default", "paper"))
+        check_choice("profile", self.profile, PROFILES)
         for name in ("teacher_steps", "eval_examples"):
             check_range(name, getattr(self, name), low=0)
         for name in ("teacher_batch_size", "train_examples", "batch_size"):

@@ -28,6 +28,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
+from bookrun.chapters import PROFILES
 from kdlib.batching import FeatureDataset, PadCollator
 from kdlib.cache import TeacherOutputCache
 from kdlib.config import ConfigError, check_choice, check_range
@@ -101,7 +102,7 @@ class LMExperimentConfig:
     output_dir: str
 
     def __post_init__(self) -> None:
-        check_choice("profile", self.profile, ("smoke", "default", "paper"))
+        check_choice("profile", self.profile, PROFILES)
         check_choice("lr_scheduler", self.lr_scheduler, SCHEDULES)
         check_choice("divergence", self.divergence, DIVERGENCES)
         for name in (

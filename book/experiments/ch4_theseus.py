@@ -27,6 +27,7 @@ import torch
 import transformers
 from transformers import TrainerCallback
 
+from bookrun.chapters import PROFILES
 from kdlib.classification import accuracy, encode, fine_tune, load_classifier
 from kdlib.config import ConfigError, check_choice, check_range
 from kdlib.data import load_banking77, load_iflytek
@@ -95,7 +96,7 @@ class TheseusExperimentConfig:
     output_dir: str
 
     def __post_init__(self) -> None:
-        check_choice("profile", self.profile, ("smoke", "default", "paper"))
+        check_choice("profile", self.profile, PROFILES)
         check_choice("task", self.task, TASKS)
         check_choice("successor_init", self.successor_init, SUCCESSOR_INIT)
         for name in ("predecessor_steps", "train_examples", "eval_examples", "successor_steps"):

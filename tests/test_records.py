@@ -1,0 +1,160 @@
+"""Reference records: what is committed is complete, matches its profile, agrees with itself,
+and says when the code that made it has changed; `bookrun reference` writes one whole or not
+at all."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import re
+
+import pytest
+
+from bookrun import records
+from bookrun.chapters import CHAPTERS, ROOT
+from bookrun.params import chapter_config, profile_values
+from experiments import ch1_distilbert_squad
+from kdlib.config import ConfigError
+from kdlib.report import versions
+
+CHECKS = {"ch1": ch1_distilbert_squad.check_record}
+"""Each chapter's own consistency check of its record (chapters 2-4 join with their reference runs)."""
+COMMITTED = [c.key for c in CHAPTERS.values() if records.read_record(c) is not None]
+
+
+@pytest.mark.parametrize("key", COMMITTED)
+def test_committed_record_is_complete_matches_its_profile_and_agrees_with_itself(key):
+    chapter = CHAPTERS[key]
+    record = records.read_record(chapter)
+    assert record["chapter"] == key and record["profile"] == "reference"
+    assert re.fullmatch(r"[0-9a-f]{40}", record["record"]["commit"])
+    assert not record["record"]["uncommitted_changes"]
+    assert record["record"]["fingerprint"]["files"] and record["wall_time_s"] > 0
+    assert {"processor", "torch_threads"} <= set(record["hardware"])
+    assert records.parameter_drift(chapter, record) == {}  # the profile file still gives these values
+    assert CHECKS[key](record) == []
+    size = sum(p.stat().st_size for p in records.record_dir(chapter).rglob("*") if p.is_file())
+    assert size <= records.MAX_RECORD_BYTES
+    assert sorted(p.name for p in records.record_dir(chapter).iterdir()) == sorted(
+        n for n in records.KEPT if (records.record_dir(chapter) / n).exists()
+    )
+
+
+def test_the_fingerprint_covers_the_chapter_its_experiment_and_the_kdlib_modules_it_reaches():
+    files = {str(p.relative_to(ROOT)) for p in records.decisive_files(CHAPTERS["ch1"])}
+    assert {
+        "book/ch1_distilbert_squad.md",
+        "book/params/ch1/reference.yml",
+        "book/experiments/ch1_distilbert_squad.py",
+        "kdlib/losses.py",  # imported by the chapter's text
+        "kdlib/trainer.py",  # by the experiment module
+        "kdlib/qa.py",  # `from kdlib import qa`
+    } <= files
+    assert "kdlib/theseus.py" not in files and "kdlib/zeroshot.py" not in files  # other chapters'
+
+
+def fresh_record():
+    chapter = CHAPTERS["ch1"]
+    return {
+        "profile": "reference",
+        "parameters": dataclasses.asdict(
+            chapter_config(chapter, **profile_values(chapter, "reference"), profile="reference")
+        ),
+        "hardware": {"processor": "Test CPU", "torch_threads": 2, "gpu": None},
+        "wall_time_s": 5400.0,
+        "peak_memory_mb": 4096.0,
+        "record": {
+            "commit": "0" * 40,
+            "uncommitted_changes": False,
+            "date": "2026-12-01",
+            "fingerprint": records.fingerprint(chapter, versions()),
+        },
+    }
+
+
+def test_staleness_names_each_changed_input():
+    chapter, record = CHAPTERS["ch1"], fresh_record()
+    assert records.staleness(chapter, record, versions()) == []
+    stale = copy.deepcopy(record)
+    stale["record"]["fingerprint"]["files"]["kdlib/losses.py"] = "0" * 64
+    stale["record"]["fingerprint"]["files"]["kdlib/old_module.py"] = "0" * 64
+    stale["record"]["fingerprint"]["versions"]["torch"] = "2.0.0"
+    reasons = records.staleness(chapter, stale, versions())
+    assert reasons == [
+        "`kdlib/losses.py` changed",
+        "`kdlib/old_module.py` is gone",
+        f"torch 2.0.0 -> {versions()['torch']}",
+    ]
+
+
+def test_the_page_note_says_what_the_run_was_and_whether_it_is_stale(tmp_path, monkeypatch):
+    monkeypatch.setattr(records, "RECORDS", tmp_path)
+    record, note = records.reference_run("ch1")
+    assert record is None and "No reference run is recorded" in note and "make reference CH=ch1" in note
+    (tmp_path / "ch1").mkdir()
+    fresh = fresh_record()
+    (tmp_path / "ch1" / "metrics.json").write_text(json.dumps(fresh))
+    record, note = records.reference_run("ch1")
+    assert record == fresh
+    assert "commit `0000000000`, 2026-12-01, Test CPU (2 threads, no GPU), 90 minutes" in note
+    assert "stale" not in note
+    fresh["record"]["fingerprint"]["files"]["book/ch1_distilbert_squad.md"] = "0" * 64
+    (tmp_path / "ch1" / "metrics.json").write_text(json.dumps(fresh))
+    _, note = records.reference_run("ch1")
+    assert "**Warning: this record is stale.**" in note and "`book/ch1_distilbert_squad.md` changed" in note
+
+
+def test_a_record_whose_parameters_left_its_profile_is_caught():
+    record = fresh_record()
+    assert records.parameter_drift(CHAPTERS["ch1"], record) == {}
+    record["parameters"]["eval_questions"] = 400
+    assert records.parameter_drift(CHAPTERS["ch1"], record) == {"eval_questions": (400, 0)}
+
+
+def test_a_chapter_without_a_reference_profile_is_refused_before_any_work():
+    with pytest.raises(
+        ConfigError, match=r"ch2 has no reference profile yet \(book/params/ch2/reference.yml\)"
+    ):
+        records.check_runnable(CHAPTERS["ch2"], allow_dirty=True)
+
+
+def fake_run(write_everything: bool):
+    def run_chapter(chapter, profile, overrides, output_dir):
+        assert profile == "reference" and overrides == {}
+        (output_dir / "predictions").mkdir(parents=True)
+        (output_dir / "predictions" / "teacher.json").write_text("{}")
+        (output_dir / "runs" / "student_alone").mkdir(parents=True)
+        (output_dir / "ch1_distilbert_squad.ipynb").write_text("{}")
+        if not write_everything:
+            raise RuntimeError("a cell failed")
+        metrics = {"chapter": "ch1", "profile": profile, "versions": versions(), "wall_time_s": 1.0}
+        (output_dir / "metrics.json").write_text(json.dumps(metrics))
+
+    return run_chapter
+
+
+def test_a_reference_run_keeps_the_record_only_and_names_its_commit(tmp_path, monkeypatch):
+    import bookrun.execute
+
+    monkeypatch.setattr(records, "RECORDS", tmp_path)
+    monkeypatch.setattr(bookrun.execute, "run_chapter", fake_run(write_everything=True))
+    target = records.run_reference(CHAPTERS["ch1"], allow_dirty=True)
+    assert target == tmp_path / "ch1"
+    assert sorted(p.name for p in target.iterdir()) == ["metrics.json", "predictions"]
+    meta = json.loads((target / "metrics.json").read_text())["record"]
+    assert meta["commit"] == records._git("rev-parse", "HEAD") and meta["command"] == "make reference CH=ch1"
+    assert meta["fingerprint"] == records.fingerprint(CHAPTERS["ch1"], versions())
+
+
+def test_a_failed_reference_run_leaves_the_old_record_and_nothing_else(tmp_path, monkeypatch):
+    import bookrun.execute
+
+    monkeypatch.setattr(records, "RECORDS", tmp_path)
+    (tmp_path / "ch1").mkdir()
+    (tmp_path / "ch1" / "metrics.json").write_text('{"old": true}')
+    monkeypatch.setattr(bookrun.execute, "run_chapter", fake_run(write_everything=False))
+    with pytest.raises(RuntimeError, match="a cell failed"):
+        records.run_reference(CHAPTERS["ch1"], allow_dirty=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["ch1"]
+    assert json.loads((tmp_path / "ch1" / "metrics.json").read_text()) == {"old": True}
