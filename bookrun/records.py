@@ -12,6 +12,7 @@ fingerprint no longer matches the checkout is *stale*: the page says so, and whi
 from __future__ import annotations
 
 import ast
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bookrun.chapters import BOOK, CHAPTERS, ROOT, Chapter
-from bookrun.params import profile_values
+from bookrun.params import chapter_config, profile_values
 from kdlib.config import ConfigError
 
 RECORDS = BOOK / "records"
@@ -206,10 +207,6 @@ def reference_run(key: str) -> tuple[dict[str, Any] | None, str]:
 
 def parameter_drift(chapter: Chapter, record: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """name -> (recorded, what the reference profile gives now), for every parameter that differs."""
-    import dataclasses
-
-    from bookrun.params import chapter_config
-
     now = dataclasses.asdict(chapter_config(chapter, **profile_values(chapter, PROFILE), profile=PROFILE))
     recorded = record["parameters"]
     return {

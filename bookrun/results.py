@@ -36,12 +36,16 @@ def chapter_title(chapter: Chapter) -> str:
     return chapter.stem
 
 
+def hardware_text(hw: dict[str, Any]) -> str:
+    """A run's hardware as the pages name it: processor, threads, GPU."""
+    return f"{hw['processor']}, {hw['torch_threads']} threads, {hw.get('gpu') or 'no GPU'}"
+
+
 def _run_row(chapter: Chapter, metrics: dict[str, Any], which: str) -> str:
-    hw = metrics["hardware"]
     return (
         f"| {{doc}}`{chapter.key} <{chapter.stem}>` | {which} | {metrics['profile']} | "
         f"{_minutes(metrics['wall_time_s'])} | {metrics['peak_memory_mb'] / 1024:.1f} GB | "
-        f"{hw['processor']}, {hw['torch_threads']} threads, {hw.get('gpu') or 'no GPU'} |"
+        f"{hardware_text(metrics['hardware'])} |"
     )
 
 
@@ -117,14 +121,13 @@ def provenance_box(chapter: Chapter, metrics: dict[str, Any]) -> str:
     values = metrics["parameters"]
     shown = ", ".join(f"`{k}={values[k]}`" for k in chosen or {} if k in values)
     sets = f"which sets {shown}" if shown else "the parameters cell's defaults"
-    hw = metrics["hardware"]
     versions = ", ".join(f"{k} {v}" for k, v in metrics["versions"].items())
     return "\n".join(
         [
             ":::{admonition} Provenance of this page",
             ":class: note",
             f"- **profile** `{profile}`, {sets} (every parameter is in `metrics.json`)",
-            f"- **hardware** {hw['processor']}, {hw['torch_threads']} threads, {hw.get('gpu') or 'no GPU'}",
+            f"- **hardware** {hardware_text(metrics['hardware'])}",
             f"- **wall time** {_minutes(metrics['wall_time_s'])}, peak memory "
             f"{metrics['peak_memory_mb'] / 1024:.1f} GB",
             f"- **versions** {versions}",
