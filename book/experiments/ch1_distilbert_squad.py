@@ -199,8 +199,9 @@ def load_student(cfg: SquadDistillationConfig) -> tuple[torch.nn.Module, Any]:
 
     DistilBERT initialised its student from every other layer of its teacher; cutting a
     pretrained encoder the same way gives a 3-layer student that already represents text well,
-    where a model pretrained at 3 layers learns SQuAD far more slowly (measured: F1 54 against 12
-    after the same 747 steps).
+    where a model pretrained at 3 layers learns SQuAD far more slowly (a probe on this machine,
+    recorded in the project's issue on reference runs: one seed, one epoch of 747 steps at lr
+    3e-4, F1 54.1 for the cut student against 12.1 for MiniLM-L3 on all 1,988 held-out questions).
     """
     model, tokenizer = load_qa_model(cfg.student)
     if cfg.student_layers:
