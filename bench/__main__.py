@@ -38,6 +38,7 @@ from bench.measure import (
     lm_steps,
     qa_first_step_losses,
     qa_steps,
+    student_steps,
     textbrewer_run,
 )
 from kdlib.runtime import keep_freed_memory
@@ -45,7 +46,7 @@ from kdlib.runtime import keep_freed_memory
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--setting", choices=("qa", "lm", "all"), default="all")
+    parser.add_argument("--setting", choices=("qa", "student", "lm", "all"), default="all")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per variant (after one warm-up)")
     parser.add_argument(
         "--windows", type=int, default=256, help="training windows of the whole-run comparison"
@@ -78,6 +79,8 @@ def main() -> None:
         }
         if "seconds" in peer:
             report["qa_whole_run"]["textbrewer_over_kdlib"] = peer["seconds"] / ours["seconds"]
+    if opts.setting in ("student", "all"):
+        report["student_steps"] = student_steps(opts.steps)
     if opts.setting in ("lm", "all"):
         report["lm_steps"] = lm_steps(opts.steps)
     print(json.dumps(report, indent=2))

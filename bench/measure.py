@@ -90,6 +90,13 @@ def _qa_config(windows: int) -> Any:
     return chapter_config(CHAPTERS["ch1"], **values)
 
 
+def _student(cfg: Any) -> tuple[torch.nn.Module, Any]:
+    """Chapter 1's student as its runs start (cut to `student_layers` where the profile says)."""
+    from experiments.ch1_distilbert_squad import load_student
+
+    return load_student(cfg)
+
+
 def _qa_data(windows: int) -> tuple[Any, Any, Any, Any]:
     from experiments.ch1_distilbert_squad import prepare_data
     from kdlib.qa_teacher import load_qa_model
@@ -100,12 +107,12 @@ def _qa_data(windows: int) -> tuple[Any, Any, Any, Any]:
     return cfg, teacher.eval(), tokenizer, data
 
 
-def qa_steps(steps: int) -> dict[str, Any]:
+def _qa_batches(count: int) -> tuple[Any, Any, Any, list[dict[str, torch.Tensor]]]:
+    """`count` + 1 training batches of chapter 1 in data order, with the teacher's span logits."""
     from kdlib.batching import PadCollator
-    from kdlib.qa_teacher import load_qa_model, span_logits, window_dataset
-    from kdlib.trainer import DistillationTrainer, forward_inputs
+    from kdlib.qa_teacher import span_logits, window_dataset
 
-    cfg, teacher, tokenizer, data = _qa_data((steps + 1) * BATCH)
+    cfg, teacher, tokenizer, data = _qa_data((count + 1) * BATCH)
     logits = span_logits(teacher, data.train, tokenizer.pad_token_id)
     dataset = window_dataset(data.train, logits)
     collate = PadCollator(tokenizer.pad_token_id)
@@ -113,8 +120,16 @@ def qa_steps(steps: int) -> dict[str, Any]:
     batches = [
         collate([dataset[j] for j in range(i * size, (i + 1) * size)]) for i in range(len(dataset) // size)
     ]
+    return cfg, teacher, data, batches
+
+
+def qa_steps(steps: int) -> dict[str, Any]:
+    from kdlib.trainer import DistillationTrainer, forward_inputs
+
+    cfg, teacher, data, batches = _qa_batches(steps)
+    size = cfg.batch_size
     online = [{k: v for k, v in b.items() if not k.startswith("teacher_")} for b in batches]
-    student, _ = load_qa_model(cfg.student)
+    student, _ = _student(cfg)
     models = {name: copy.deepcopy(student) for name in ("plain", "online", "cached")}
     with tempfile.TemporaryDirectory() as tmp:
         trainers = {
@@ -169,17 +184,85 @@ def qa_steps(steps: int) -> dict[str, Any]:
     }
 
 
+def student_steps(steps: int) -> dict[str, Any]:
+    """Chapter 1's cached-KD student step in float32 (2 threads, then 1), bf16 autocast, compiled.
+
+    What the reference runs may adopt: a setting that is faster and changes no result. Each
+    variant trains its own copy of the student from the same weights over the same batches; the
+    compiled one (`torch.compile`, dynamic shapes, as length-grouped batches vary in length) is
+    warmed up over every batch first (`Module.compile`, in place), so its compile time is
+    reported apart. "Changes no result"
+    is checked on the untrained student in eval mode: the largest span-logit difference from
+    float32 eager on one batch (dropout draws differ between eager and compiled code).
+    """
+    from kdlib.trainer import DistillationTrainer, forward_inputs
+
+    cfg, _, _, batches = _qa_batches(steps)
+    batches = batches[:steps]
+    student, _ = _student(cfg)
+    names = ("fp32", "fp32_1thread", "bf16", "compiled")
+    models = {name: copy.deepcopy(student) for name in names}
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as tmp:
+        trainers = {name: DistillationTrainer(model=models[name], args=_args(tmp, True)) for name in names}
+        optimizers = {name: trainer.create_optimizer() for name, trainer in trainers.items()}
+        compiled = models["compiled"]
+        compiled.compile(dynamic=True)  # in place: the module keeps its forward's signature
+        started = time.perf_counter()
+        for batch in batches:  # compiles, and warms every shape
+            _train_step(trainers["compiled"], compiled, optimizers["compiled"], batch, False)
+        compile_seconds = time.perf_counter() - started
+
+        def step(name: str, model: torch.nn.Module, bf16: bool = False, n_threads: int = threads) -> Callable:
+            def call(i: int) -> None:
+                torch.set_num_threads(n_threads)
+                _train_step(trainers[name], model, optimizers[name], batches[i % len(batches)], bf16)
+                torch.set_num_threads(threads)
+
+            return call
+
+        seconds = interleaved(
+            {
+                "fp32": step("fp32", models["fp32"]),
+                "fp32_1thread": step("fp32_1thread", models["fp32_1thread"], n_threads=1),
+                "bf16": step("bf16", models["bf16"], bf16=True),
+                "compiled": step("compiled", compiled),
+            },
+            steps,
+        )
+        reference = copy.deepcopy(student).eval()
+        probe = forward_inputs(reference, batches[0], labels=False)
+        with torch.inference_mode():
+            eager = reference(**probe).start_logits
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                bf16 = reference(**probe).start_logits.float()
+            reference.compile(dynamic=True)
+            compiled_eval = reference(**probe).start_logits
+    return {
+        "seconds": seconds,
+        "threads": threads,
+        "compile_seconds_first_pass": compile_seconds,
+        "speedup_bf16": seconds["fp32"] / seconds["bf16"],
+        "speedup_compiled": seconds["fp32"] / seconds["compiled"],
+        "speedup_2_threads_over_1": seconds["fp32_1thread"] / seconds["fp32"],
+        "bf16_max_logit_error": float((eager - bf16).abs().max()),
+        "compiled_max_logit_error": float((eager - compiled_eval).abs().max()),
+        "batches": f"{len(batches)} of {cfg.batch_size} windows, lengths "
+        + ", ".join(str(b["input_ids"].shape[1]) for b in batches),
+    }
+
+
 def blog_run(windows: int, epochs: float) -> dict[str, Any]:
     """A whole run with the blog's trainer, in its own process (for its peak memory)."""
     from transformers import PrinterCallback, TrainingArguments
 
     from bench.blog_trainer import BlogDistillationTrainer, FixedLengthCollator
-    from kdlib.qa_teacher import load_qa_model, window_dataset
+    from kdlib.qa_teacher import window_dataset
 
     cfg, teacher, tokenizer, data = _qa_data(windows)
     reset_peak()  # the run's own memory: models and data are loaded alike in both
     started = time.perf_counter()
-    student, _ = load_qa_model(cfg.student)
+    student, _ = _student(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = BlogDistillationTrainer(
             model=student,
@@ -224,7 +307,7 @@ def kdlib_run(windows: int, epochs: float, teacher_bf16: bool) -> dict[str, Any]
 
     from kdlib.batching import PadCollator
     from kdlib.cache import TeacherOutputCache
-    from kdlib.qa_teacher import load_qa_model, teacher_span_logits, window_dataset
+    from kdlib.qa_teacher import teacher_span_logits, window_dataset
     from kdlib.trainer import DistillationTrainer
 
     cfg, teacher, tokenizer, data = _qa_data(windows)
@@ -234,7 +317,7 @@ def kdlib_run(windows: int, epochs: float, teacher_bf16: bool) -> dict[str, Any]
         with torch.autocast("cpu", dtype=torch.bfloat16) if teacher_bf16 else nullcontext():
             logits = teacher_span_logits(teacher, data.train, tokenizer.pad_token_id, TeacherOutputCache(tmp))
         teacher_seconds = time.perf_counter() - started
-        student, _ = load_qa_model(cfg.student)
+        student, _ = _student(cfg)
         trainer = DistillationTrainer(
             model=student,
             args=_args(
@@ -281,13 +364,13 @@ def textbrewer_run(windows: int, epochs: float) -> dict[str, Any]:
     from transformers import get_linear_schedule_with_warmup
 
     from kdlib.batching import PadCollator
-    from kdlib.qa_teacher import load_qa_model, window_dataset
+    from kdlib.qa_teacher import window_dataset
 
     cfg, teacher, tokenizer, data = _qa_data(windows)
     reset_peak()
     started = time.perf_counter()
     torch.manual_seed(0)
-    student, _ = load_qa_model(cfg.student)
+    student, _ = _student(cfg)
     loader = DataLoader(
         window_dataset(data.train, None),
         batch_size=cfg.batch_size,
@@ -339,14 +422,14 @@ def in_own_process(target: Callable[..., dict[str, Any]], *args: Any) -> dict[st
 def qa_first_step_losses() -> dict[str, float]:
     """Both trainers' loss on one batch of full-length windows (no padding), same weights."""
     from bench.blog_trainer import BlogDistillationTrainer, FixedLengthCollator
-    from kdlib.qa_teacher import load_qa_model, window_dataset
+    from kdlib.qa_teacher import window_dataset
     from kdlib.trainer import DistillationTrainer
 
     cfg, teacher, tokenizer, data = _qa_data(400)
     full = [i for i, n in enumerate(data.train.lengths()) if n == cfg.max_length][: cfg.batch_size]
     dataset = window_dataset(data.train, None)
     batch = FixedLengthCollator(tokenizer.pad_token_id, cfg.max_length)([dataset[i] for i in full])
-    student, _ = load_qa_model(cfg.student)
+    student, _ = _student(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         blog = BlogDistillationTrainer(
             model=student,
