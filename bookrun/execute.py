@@ -9,6 +9,7 @@ seconds, not the whole book.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -21,7 +22,7 @@ from typing import Any
 import jupytext
 import papermill
 
-from bookrun import notebooks, records, results
+from bookrun import notebooks, progress, records, results
 from bookrun.chapters import CHAPTERS, ROOT, Chapter
 from bookrun.params import resolve
 from kdlib.config import ConfigError
@@ -62,18 +63,25 @@ def execute(chapter: Chapter, parameters: dict[str, Any], notebook_out: Path) ->
     """Run one chapter; raises papermill's execution error (naming the cell) if a cell fails.
 
     The notebook runs in its own folder and gets `output_dir` relative to it, so the pages
-    show no path of the machine that built them.
+    show no path of the machine that built them. While it runs, `bookrun.progress` prints its
+    stages and its own output lines; a successful run's cell times are kept for the next
+    run's estimate.
     """
     notebook_out.parent.mkdir(parents=True, exist_ok=True)
     parameters = dict(parameters)
     if "output_dir" in parameters:
         parameters["output_dir"] = os.path.relpath(parameters["output_dir"], notebook_out.parent)
     source = notebook_out.with_name(f".{chapter.stem}.source.ipynb")
-    jupytext.write(jupytext.read(chapter.source), source)
+    notebook = jupytext.read(chapter.source)
+    jupytext.write(notebook, source)
+    profile = str(parameters.get("profile", "default"))
+    timings = progress.timings_file(BUILD, profile, chapter.key)
+    cells = progress.as_executed(notebook.cells, parameterised=bool(parameters))
+    reporter = progress.Progress(chapter.key, profile, cells, progress.read_timings(timings))
     keep_freed_memory()  # the kernel inherits it: no page faults for every step's large tensors
     started = time.perf_counter()
     try:
-        papermill.execute_notebook(
+        executed = papermill.execute_notebook(
             str(source),
             str(notebook_out),
             parameters=parameters,
@@ -81,9 +89,14 @@ def execute(chapter: Chapter, parameters: dict[str, Any], notebook_out: Path) ->
             language="python",
             cwd=str(notebook_out.parent),
             progress_bar=False,
+            stdout_file=reporter,
+            kernel_manager_class=progress.IPCKernelManager,
+            on_cell_start=reporter.on_cell_start,
         )
     finally:
         source.unlink(missing_ok=True)
+    timings.parent.mkdir(parents=True, exist_ok=True)
+    timings.write_text(json.dumps(progress.cell_durations(executed)))
     return time.perf_counter() - started
 
 
@@ -159,5 +172,8 @@ def build(profile: str, keys: list[str] | None = None, execute_chapters: bool = 
     ]
     subprocess.run(command, check=True)
     index = SITE / "_build" / "html" / "index.html"
-    print(f"book built at profile {profile!r}: {index}")
+    print(f"book built at profile {profile!r}; the verdicts of this build's runs (the results page "
+          "says which run decides each claim):")
+    ran = [(c.key, m if c.key in timings else None) for c, m in measured]
+    print(progress.summary_table(ran, index), flush=True)
     return index
