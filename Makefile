@@ -57,7 +57,7 @@ teacher: setup
 notebooks: setup
 	$(PY) -m bookrun notebooks --profile $(PROFILE) --out _build/notebooks
 
-# distillation's cost against its limit, as ratios (QA and causal LM; ~6 minutes on 2 cores)
+# distillation's cost against its limit, as ratios (QA, the student's own step, causal LM; ~12 minutes on 2 cores)
 bench: setup
 	$(PY) -m pip install --quiet --no-deps -r requirements-bench.txt
 	mkdir -p _build

@@ -5,7 +5,7 @@ forward pass of the teacher; with the teacher's outputs cached, the student's st
 measures, on the default profile's models and real batches, in one process and interleaved
 step by step (the machine is noisy; only ratios taken together mean anything):
 
-- QA (chapter 1: MiniLM-L6 SQuAD teacher, MiniLM-L3 student, 192-token windows, batch 16):
+- QA (chapter 1: MiniLM-L6 SQuAD teacher, the chapter's student, 192-token windows, batch 16):
   online KD step / (plain step + teacher forward); cached KD step / plain step; the teacher's
   forward in float32 vs bfloat16; a whole 3-epoch run with `kdlib` (teacher logits computed
   once, cached; windows padded per length-grouped batch) vs the blog's `DistillationTrainer`
@@ -13,6 +13,13 @@ step by step (the machine is noisy; only ratios taken together mean anything):
   losses on one padding-free first batch compared, and each run's peak memory; and the same
   run with TextBrewer's `BasicDistiller` (teacher logits cached, its fastest setting) as the
   field's peer (`pip install --no-deps -r requirements-bench.txt`; skipped without it);
+- the student's own step (`--setting student`; chapter 1's, cached KD): float32 at the default
+  thread count and at one thread, bf16 autocast, and `torch.compile`, with the span logits'
+  largest difference from float32 eager: what a reference run may adopt without changing results;
+- layer distillation (chapter 2's layer-loss matrix, forward and backward, at the chapter's
+  shape and at CoFi's): the former formulation, which held every pair's difference as one
+  `[k, m, batch, seq, width]` tensor, against `kdlib.alignment.layer_loss_matrix`: time, peak
+  memory, and the largest relative difference of the matrix and a gradient;
 - causal LM (chapter 3: SmolLM2-135M teacher, 24-layer student, 8 x 128 packed WikiText, bf16):
   online KD step / (CLM step + teacher forward); cached top-k KD step / CLM step; the cache's
   size per token, and how much of the full-vocabulary KL a top-k cache keeps.
@@ -35,6 +42,7 @@ from bench.measure import (
     blog_run,
     in_own_process,
     kdlib_run,
+    layer_matrix,
     lm_steps,
     qa_first_step_losses,
     qa_steps,
@@ -46,7 +54,7 @@ from kdlib.runtime import keep_freed_memory
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--setting", choices=("qa", "student", "lm", "all"), default="all")
+    parser.add_argument("--setting", choices=("qa", "student", "layers", "lm", "all"), default="all")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per variant (after one warm-up)")
     parser.add_argument(
         "--windows", type=int, default=256, help="training windows of the whole-run comparison"
@@ -81,6 +89,8 @@ def main() -> None:
             report["qa_whole_run"]["textbrewer_over_kdlib"] = peer["seconds"] / ours["seconds"]
     if opts.setting in ("student", "all"):
         report["student_steps"] = student_steps(opts.steps)
+    if opts.setting in ("layers", "all"):
+        report["layer_matrix"] = layer_matrix()
     if opts.setting in ("lm", "all"):
         report["lm_steps"] = lm_steps(opts.steps)
     print(json.dumps(report, indent=2))

@@ -541,3 +541,83 @@ def lm_steps(steps: int, topk: int = 64) -> dict[str, Any]:
         "cache_bytes_per_token": {"full_vocabulary_fp16": 2 * vocab, f"top{topk}": 6 * topk},
         "topk_keeps": kept,
     }
+
+
+# --- layer distillation (chapter 2) ------------------------------------------------------------
+
+LAYER_SHAPES = {
+    # teacher layers k, student layers m, batch, tokens, width
+    "chapter 2 (4 of MPNet's 12 into MiniLM-L6, 32 sentences of 64 tokens)": (4, 6, 32, 64, 768),
+    "CoFi's paper (4 of BERT-base's 12 into 12, 32 x 128 tokens)": (4, 12, 32, 128, 768),
+}
+
+
+def _five_d_matrix(
+    teacher: list[torch.Tensor], student: list[torch.Tensor], mask: torch.Tensor
+) -> torch.Tensor:
+    """The layer-loss matrix as kdlib computed it before: every pair's difference at once."""
+    diff = torch.stack(teacher)[:, None] - torch.stack(student)[None]  # [k, m, batch, seq, width]
+    sq = diff.pow(2).mean(dim=-1)
+    weights = mask.to(sq.dtype)
+    return (sq * weights).sum(dim=(-2, -1)) / weights.sum()
+
+
+def _layer_inputs(shape: tuple[int, ...]) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    k, m, batch, seq, width = shape
+    g = torch.Generator().manual_seed(0)
+    teacher = [torch.randn(batch, seq, width, generator=g) for _ in range(k)]
+    student = [torch.randn(batch, seq, width, generator=g).requires_grad_() for _ in range(m)]
+    mask = torch.ones(batch, seq)
+    mask[: batch // 2, seq // 2 :] = 0  # half the rows padded to half length
+    return teacher, student, mask
+
+
+def layer_matrix_pass(shape: tuple[int, ...], formulation: str, repeats: int) -> dict[str, Any]:
+    """Forward and backward of the layer-loss matrix, in its own process: median seconds, peak
+    memory above the inputs, and the matrix and one gradient for the comparison."""
+    from kdlib.alignment import layer_loss_matrix
+
+    compute = {"five_d": _five_d_matrix, "kdlib": layer_loss_matrix}[formulation]
+    teacher, student, mask = _layer_inputs(shape)
+    upstream = torch.linspace(0.5, 1.5, shape[0] * shape[1]).reshape(shape[0], shape[1])
+    times = []
+    reset_peak()
+    before = peak_mb()
+    for _ in range(repeats):
+        started = time.perf_counter()
+        matrix = compute(teacher, student, mask)
+        (grad,) = torch.autograd.grad((matrix * upstream).sum(), student[0])
+        times.append(time.perf_counter() - started)
+    return {
+        "seconds": statistics.median(times),
+        "peak_above_inputs_mb": peak_mb() - before,
+        "matrix": matrix.detach().tolist(),
+        "grad_sample": grad.flatten()[:4096].tolist(),
+    }
+
+
+def _relative(reference: list, other: list) -> float:
+    a, b = torch.tensor(reference), torch.tensor(other)
+    return float((a - b).abs().max() / a.abs().max())
+
+
+def layer_matrix(repeats: int = 3) -> dict[str, Any]:
+    """The 5-D formulation against kdlib's at chapter 2's shape and CoFi's: time, peak memory,
+    and the largest relative difference of the matrix and of a gradient."""
+    report = {}
+    for name, shape in LAYER_SHAPES.items():
+        old = in_own_process(layer_matrix_pass, shape, "five_d", repeats)
+        new = in_own_process(layer_matrix_pass, shape, "kdlib", repeats)
+
+        report[name] = {
+            "seconds": {"five_d": old["seconds"], "kdlib": new["seconds"]},
+            "peak_above_inputs_mb": {
+                "five_d": old["peak_above_inputs_mb"],
+                "kdlib": new["peak_above_inputs_mb"],
+            },
+            "memory_ratio": new["peak_above_inputs_mb"] / max(old["peak_above_inputs_mb"], 1e-9),
+            "time_ratio": new["seconds"] / old["seconds"],
+            "matrix_max_relative_difference": _relative(old["matrix"], new["matrix"]),
+            "gradient_max_relative_difference": _relative(old["grad_sample"], new["grad_sample"]),
+        }
+    return report

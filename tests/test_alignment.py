@@ -82,6 +82,49 @@ def test_layer_loss_matrix_worked_example_and_padding():
     assert masked.tolist() == m.tolist()
 
 
+def _direct_matrix(teacher, student, mask):
+    """The definition as plain tensor algebra: every pair's difference, squared, averaged."""
+    diff = torch.stack(teacher)[:, None] - torch.stack(student)[None]  # [k, m, batch, seq, width]
+    sq = diff.pow(2).mean(dim=-1)
+    w = mask.to(sq.dtype)
+    return (sq * w).sum(dim=(-2, -1)) / w.sum()
+
+
+def _states(k, m, shape, dtype, scale=1.0, requires_grad=False):
+    g = torch.Generator().manual_seed(k * 10 + m)
+    make = lambda: (scale * torch.randn(*shape, generator=g, dtype=dtype)).requires_grad_(requires_grad)  # noqa: E731
+    return [make() for _ in range(k)], [make() for _ in range(m)]
+
+
+def test_layer_loss_matrix_value_and_gradient_equal_the_definition():
+    teacher, student = _states(3, 4, (2, 5, 6), torch.float64, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    upstream = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ours = layer_loss_matrix(teacher, student, mask)
+    direct = _direct_matrix(teacher, student, mask)
+    torch.testing.assert_close(ours, direct, rtol=1e-12, atol=0)
+    grads = torch.autograd.grad((ours * upstream).sum(), teacher + student)
+    expected = torch.autograd.grad((direct * upstream).sum(), teacher + student)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+    assert grads[-1][0, 3:].abs().max() == 0  # padding positions get no gradient
+    unmasked = layer_loss_matrix(teacher, student)
+    everywhere = _direct_matrix(teacher, student, torch.ones(2, 5))
+    torch.testing.assert_close(unmasked, everywhere, rtol=1e-12, atol=0)
+
+
+def test_layer_loss_matrix_in_float32_with_outlier_dimensions():
+    """Hidden states of MPNet and MiniLM have a few dimensions far larger than the rest."""
+    teacher, student = _states(4, 6, (4, 16, 64), torch.float64)
+    for states in (teacher, student):
+        for h in states:
+            h[..., :2] *= 60.0
+    exact = _direct_matrix(teacher, student, torch.ones(4, 16))
+    single = layer_loss_matrix([t.float() for t in teacher], [s.float() for s in student])
+    assert single.dtype == torch.float32
+    torch.testing.assert_close(single.double(), exact, rtol=1e-5, atol=0)
+
+
 # Loss matrix used by the worked alignment examples: 3 teacher layers x 4 student layers.
 LOSS = torch.tensor(
     [
