@@ -9,6 +9,7 @@ random layers (version 5), one random layer per window (version 6), and a revers
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -34,7 +35,7 @@ from kdlib.layer_distillation import (
 from kdlib.registry import resolve_model
 from kdlib.report import RunRecord, claim_record
 from kdlib.stats import seed_summary
-from kdlib.trainer import check_aligned_tokenization, quiet_arguments
+from kdlib.trainer import check_aligned_tokenization, forward_inputs, quiet_arguments
 
 STRATEGIES: dict[str, tuple[str, str] | None] = {
     "kd-only": None,  # prediction distillation alone
@@ -68,6 +69,7 @@ class LayerExperimentConfig:
     alpha_ce: float
     temperature: float
     cofi_weight_seeds: list[int]
+    probe_steps: int
     learning_rate: float
     batch_size: int
     epochs: float
@@ -78,7 +80,7 @@ class LayerExperimentConfig:
 
     def __post_init__(self) -> None:
         check_choice("profile", self.profile, PROFILES)
-        for name in ("teacher_steps", "eval_examples"):
+        for name in ("teacher_steps", "eval_examples", "probe_steps"):
             check_range(name, getattr(self, name), low=0)
         for name in ("teacher_batch_size", "train_examples", "batch_size"):
             check_range(name, getattr(self, name), low=1)
@@ -250,15 +252,7 @@ class LayerExperiment:
         student, tokenizer = load_classifier(self.cfg.student)
         add_projection(student, self.teacher.config.hidden_size)
         args = self.strategy_arguments(strategy, seed, weights)
-        columns = dict(self.columns, teacher_logits=teacher["teacher_logits"])
-        dataset = FeatureDataset(columns, extra={"teacher_hidden_states": teacher["teacher_hidden_states"]})
-        trainer = LayerDistillationTrainer(
-            model=student,
-            args=args,
-            train_dataset=dataset,
-            data_collator=PadCollator(tokenizer.pad_token_id),
-            existing_student_layers=existing,
-        )
+        trainer = self._trainer(student, tokenizer, args, teacher, existing)
         started = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - started
@@ -269,10 +263,31 @@ class LayerExperiment:
         results = self.record["results"]
         results.setdefault("runs", {})[name] = {"accuracy": acc, "seconds": round(seconds, 1)}
         results.setdefault("curves", {})[name] = trainer.state.log_history
-        results.setdefault("alignments", {})[name] = summarise_alignment(
-            trainer.alignment_log, self.teacher_depth, self.student_depth
-        )
+        alignment = summarise_alignment(trainer.alignment_log, self.teacher_depth, self.student_depth)
+        if STRATEGIES[strategy] and STRATEGIES[strategy][1] == "ordered":
+            mask = existing.tolist() if existing is not None else None
+            alignment["cofi_matching"] = matching_fallbacks(trainer.alignment_log, existing=mask)
+        results.setdefault("alignments", {})[name] = alignment
         return run
+
+    def _trainer(
+        self,
+        student: torch.nn.Module,
+        tokenizer: Any,
+        args: LayerDistillationArguments,
+        teacher: dict[str, Any],
+        existing: torch.Tensor | None = None,
+    ) -> LayerDistillationTrainer:
+        """A trainer over the students' sentences with the teacher's cached logits and states."""
+        columns = dict(self.columns, teacher_logits=teacher["teacher_logits"])
+        dataset = FeatureDataset(columns, extra={"teacher_hidden_states": teacher["teacher_hidden_states"]})
+        return LayerDistillationTrainer(
+            model=student,
+            args=args,
+            train_dataset=dataset,
+            data_collator=PadCollator(tokenizer.pad_token_id),
+            existing_student_layers=existing,
+        )
 
     def strategy_arguments(
         self, strategy: str, seed: int, weights: tuple[float, float] | None = None
@@ -304,6 +319,92 @@ class LayerExperiment:
             train_sampling_strategy="group_by_length",
         )
 
+    def diagnose_weights(self, teacher: dict[str, Any]) -> dict[str, Any]:
+        """Why CoFi's weights (0.9 layer, 0.1 KD) may stall the student here: the first
+        `probe_steps` steps term by term under CoFi's weights and the chapter's, and the hidden
+        states' scales. Recorded in the results as `loss_terms` and `hidden_scales`."""
+        cfg = self.cfg
+        weightings = {"cofi": (0.9, 0.1), "chapter": (cfg.layer_weight, cfg.alpha_ce)}
+        results = self.record["results"]
+        results["loss_terms"] = {
+            name: {
+                "layer_weight": weights[0],
+                "alpha_ce": weights[1],
+                "steps": self.probe_loss_terms(teacher, weights, cfg.probe_steps, cfg.train_seeds[0]),
+            }
+            for name, weights in weightings.items()
+        }
+        results["hidden_scales"] = self.hidden_scales(teacher)
+        return results["loss_terms"]
+
+    def probe_loss_terms(
+        self, teacher: dict[str, Any], weights: tuple[float, float], steps: int, seed: int
+    ) -> list[dict[str, float]]:
+        """The first `steps` steps of `fixed-ordered` under `weights` = (layer_weight, alpha_ce):
+        each term's value and the norm of its weighted gradient, and the cosine between the two
+        terms' gradients on the parameters both reach (the encoder).
+
+        Same student, seed, optimiser and schedule as the run; each term's gradient is taken
+        apart, then the step is taken on their weighted sum. Besides the encoder, the KD term
+        alone reaches the pooler and classifier ("head"), the layer term alone the projection.
+        """
+        transformers.set_seed(seed)
+        student, tokenizer = load_classifier(self.cfg.student)
+        add_projection(student, self.teacher.config.hidden_size)
+        args = self.strategy_arguments("fixed-ordered", seed, weights)
+        trainer = self._trainer(student, tokenizer, args, teacher)
+        loader = trainer.get_train_dataloader()
+        optimizer = trainer.create_optimizer()
+        scheduler = trainer.create_scheduler(math.ceil(len(loader) * args.num_train_epochs), optimizer)
+        params = dict(student.named_parameters())
+        rows = []
+        student.train()
+        for step, batch in zip(range(steps), loader):
+            batch = trainer._prepare_inputs(batch)
+            out = student(**forward_inputs(student, batch, labels=False), output_hidden_states=True)
+            terms = {
+                "kd": weights[1] * trainer.distillation_loss(out, trainer.teacher_logits(batch), batch),
+                "layer": weights[0] * trainer.layer_loss(out, batch),
+            }
+            grads = {
+                name: dict(zip(params, torch.autograd.grad(value, list(params.values()),
+                                                           retain_graph=True, allow_unused=True)))
+                for name, value in terms.items()
+            }
+            rows.append({"step": step + 1, **_term_sizes(terms, grads)})
+            sum(terms.values()).backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        return rows
+
+    def hidden_scales(self, teacher: dict[str, Any], sentences: int = 64, top: int = 3) -> dict[str, Any]:
+        """How large the hidden states the layer loss compares are, per layer, on the first
+        `sentences` training sentences' real tokens: the teacher's (fine-tuned), the pretrained
+        student's, and the student's through a fresh projection to the teacher's width (as
+        training starts). Each layer's root mean square, and its `top` dimensions by mean
+        absolute value with that mean as a multiple of the layer's RMS (outlier dimensions)."""
+        ragged = teacher["teacher_hidden_states"]
+        tokens = int(ragged.offsets[min(sentences, len(ragged))])
+        teacher_states = torch.from_numpy(ragged.values[:tokens].astype(np.float32))  # [tokens, layers, d]
+        transformers.set_seed(self.cfg.seed)
+        student, tokenizer = load_classifier(self.cfg.student)
+        projection = add_projection(student, self.teacher.config.hidden_size)
+        rows = FeatureDataset({k: v[:sentences] for k, v in self.columns.items()})
+        batch = PadCollator(tokenizer.pad_token_id)([rows[i] for i in range(len(rows))])
+        student.eval()
+        with torch.no_grad():
+            out = student(**forward_inputs(student, batch, labels=False), output_hidden_states=True)
+            real = batch["attention_mask"].bool()
+            raw = torch.stack([h[real] for h in out.hidden_states[1:]], dim=1)  # [tokens, layers, width]
+            projected = projection(raw)
+        return {
+            "tokens": tokens,
+            "teacher": _layer_scales(teacher_states, top),
+            "student": _layer_scales(raw, top),
+            "student_projected": _layer_scales(projected, top),
+        }
+
     def existing_mask(self) -> torch.Tensor:
         """The student layers left after removing `removed_layers` (as a pruning mask would)."""
         exists = torch.ones(self.student_depth, dtype=torch.bool)
@@ -329,6 +430,48 @@ class LayerExperiment:
         self.record["cache"] = {"hits": self.cache.hits, "misses": self.cache.misses}
         out = Path(self.cfg.output_dir)
         return self.record.write(out / "metrics.json")
+
+
+def _layer_scales(states: torch.Tensor, top: int) -> list[dict[str, Any]]:
+    """Per layer of `[tokens, layers, width]` states: RMS and the largest dimensions by mean |h|."""
+    rms = states.pow(2).mean(dim=(0, 2)).sqrt()
+    mean_abs = states.abs().mean(dim=0)  # [layers, width]
+    largest = mean_abs.topk(top, dim=-1)
+    return [
+        {
+            "layer": layer,
+            "rms": float(rms[layer]),
+            "top_dims": largest.indices[layer].tolist(),
+            "top_over_rms": (largest.values[layer] / rms[layer]).tolist(),
+        }
+        for layer in range(states.shape[1])
+    ]
+
+
+def _term_sizes(
+    terms: dict[str, torch.Tensor], grads: dict[str, dict[str, torch.Tensor | None]]
+) -> dict[str, float]:
+    """Each weighted term's value, its gradient's norm on the shared parameters and on its own,
+    and the cosine between the two terms' shared gradients."""
+    kd, layer = grads["kd"], grads["layer"]
+    shared = [n for n in kd if kd[n] is not None and layer[n] is not None]
+
+    def flat(g: dict[str, torch.Tensor | None], names: list[str]) -> torch.Tensor:
+        return torch.cat([g[n].flatten() for n in names]) if names else torch.zeros(1)  # type: ignore[union-attr]
+
+    own = {
+        "kd": [n for n in kd if kd[n] is not None and layer[n] is None],
+        "layer": [n for n in layer if layer[n] is not None and kd[n] is None],
+    }
+    row = {}
+    for name, g in grads.items():
+        row[name] = float(terms[name].detach())
+        row[f"{name}_grad_shared"] = float(flat(g, shared).norm())
+        row[f"{name}_grad_own"] = float(flat(g, own[name]).norm())
+    row["cosine_shared"] = float(
+        torch.nn.functional.cosine_similarity(flat(kd, shared), flat(layer, shared), dim=0)
+    )
+    return row
 
 
 def rail_kd_claim(comparison: dict[str, Any]) -> dict[str, Any]:
@@ -386,3 +529,40 @@ def summarise_alignment(log: list[dict[str, Any]], teacher_depth: int, student_d
             {"step": e["step"], "layers": e["teacher_layers"], "alignment": e["alignment"]} for e in log
         ],
     }
+
+
+def cofi_ordered_alignment(
+    matrix: list[list[float]], start: int = 12, existing: list[bool] | None = None
+) -> list[int]:
+    """CoFi's published ordered matching (versions 4-6), its defects kept, for comparison.
+
+    From the top teacher layer down, each takes its least-loss student layer below the last
+    one chosen; the search starts below `start` (hard-coded 12 in the code), and when no
+    student layer is left the last one chosen is used again, or `start` itself on the first
+    row, which for a student of fewer than `start` layers is an index past its last layer.
+    `existing` (one bool per student layer) leaves pruned layers out of the search.
+    """
+    alignment, last = [], start
+    for row in reversed(matrix):
+        ranked = sorted(range(len(row)), key=lambda j: row[j])
+        below = [j for j in ranked if j < last and (existing is None or existing[j])]
+        last = below[0] if below else last
+        alignment.append(last)
+    return alignment[::-1]
+
+
+def matching_fallbacks(
+    log: list[dict[str, Any]], start: int = 12, existing: list[bool] | None = None
+) -> dict[str, Any]:
+    """How CoFi's ordered matching fares on a run's real layer-loss matrices (`alignment_log`):
+    the share of steps where it repeats a student layer, returns an index past the student's
+    last layer, or differs from the matching the run used (kdlib's ordered one)."""
+    counts = {"steps": len(log), "repeats": 0, "past_last": 0, "differs": 0}
+    for entry in log:
+        depth = len(entry["loss_matrix"][0])
+        cofi = cofi_ordered_alignment(entry["loss_matrix"], start, existing)
+        counts["repeats"] += len(set(cofi)) < len(cofi)
+        counts["past_last"] += max(cofi) >= depth
+        counts["differs"] += cofi != entry["alignment"]
+    steps = max(counts["steps"], 1)
+    return {**counts, **{f"{k}_share": counts[k] / steps for k in ("repeats", "past_last", "differs")}}
