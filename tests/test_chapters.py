@@ -189,6 +189,12 @@ def test_ch2_alignments_respect_the_strategy(ch2_metrics):
         4,
         5,
     ]  # ordered matching of four teacher layers onto the four remaining student layers
+    for name, info in alignments.items():  # CoFi's matching replayed on every ordered run's steps
+        ordered = name.split("/")[0] in ("fixed-ordered", "random-ordered")
+        assert ("cofi_matching" in info) == ordered
+        if ordered:
+            assert info["cofi_matching"]["steps"] == len(info["per_step"])
+            assert info["cofi_matching"]["past_last"] == 0  # no 6-layer run here lacks a candidate
 
 
 def test_ch2_logs_layer_and_kd_terms(ch2_metrics):

@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from bookrun.chapters import CHAPTERS
 from bookrun.params import chapter_config
@@ -230,3 +231,63 @@ def test_ch4_verdicts_inconclusive_within_the_noise():
     assert verdicts["binary"] == "inconclusive" and verdicts["module"] == "inconclusive"
     flat = ch4_verdicts({"theseus-constant": [50.0, 60.0, 55.0], "proportional-0.5": [60.0, 60.0, 60.0]})
     assert flat["binary"] == "inconclusive"  # proportional add has no spread: no ratio to test
+
+
+# CoFi's published ordered matching, on hand-made 4 x 6 layer-loss matrices (rows: teacher
+# layers bottom to top; columns: student layers).
+AGREES = [
+    [0.9, 0.1, 0.8, 0.8, 0.8, 0.8],
+    [0.9, 0.8, 0.1, 0.8, 0.8, 0.8],
+    [0.9, 0.8, 0.8, 0.1, 0.8, 0.8],
+    [0.9, 0.8, 0.8, 0.8, 0.8, 0.1],
+]
+TOP_PREFERS_THE_BOTTOM = [
+    [0.5, 0.4, 0.3, 0.2, 0.2, 0.2],
+    [0.5, 0.4, 0.3, 0.2, 0.2, 0.2],
+    [0.5, 0.4, 0.3, 0.2, 0.2, 0.2],
+    [0.1, 0.4, 0.3, 0.2, 0.9, 0.9],
+]
+
+
+def test_cofi_ordered_matching_worked_examples():
+    assert ch2.cofi_ordered_alignment(AGREES) == [1, 2, 3, 5]
+    # the top teacher layer takes student 0; nothing is left below it, so it is repeated
+    assert ch2.cofi_ordered_alignment(TOP_PREFERS_THE_BOTTOM) == [0, 0, 0, 0]
+    # every student layer pruned: the first row falls back to the hard-coded 12, past the last
+    assert ch2.cofi_ordered_alignment(AGREES, existing=[False] * 6) == [12, 12, 12, 12]
+    # student 5 pruned: the top row's best left is 1 (ties go to the lower index), then 0 only
+    assert ch2.cofi_ordered_alignment(AGREES, existing=[True] * 5 + [False]) == [0, 0, 0, 1]
+
+
+def test_matching_fallbacks_counts_each_defect_against_the_runs_matching():
+    log = [
+        {"loss_matrix": AGREES, "alignment": [1, 2, 3, 5]},
+        {"loss_matrix": TOP_PREFERS_THE_BOTTOM, "alignment": [0, 1, 2, 3]},
+        {"loss_matrix": AGREES, "alignment": [1, 2, 3, 4]},
+    ]
+    counts = ch2.matching_fallbacks(log)
+    assert (counts["steps"], counts["repeats"], counts["past_last"], counts["differs"]) == (3, 1, 0, 2)
+    assert counts["differs_share"] == pytest.approx(2 / 3)
+    pruned = ch2.matching_fallbacks(log[:1], existing=[False] * 6)
+    assert (pruned["repeats"], pruned["past_last"]) == (1, 1)
+
+
+def test_ch2_term_sizes_split_shared_and_own_parameters():
+    terms = {"kd": torch.tensor(0.5), "layer": torch.tensor(4.0)}
+    grads = {
+        "kd": {"encoder": torch.tensor([3.0, 0.0]), "classifier": torch.tensor([2.0]), "projection": None},
+        "layer": {"encoder": torch.tensor([3.0, 4.0]), "classifier": None, "projection": torch.tensor([6.0])},
+    }
+    row = ch2._term_sizes(terms, grads)
+    assert (row["kd"], row["layer"]) == (0.5, 4.0)
+    assert (row["kd_grad_shared"], row["kd_grad_own"]) == (3.0, 2.0)
+    assert (row["layer_grad_shared"], row["layer_grad_own"]) == (5.0, 6.0)
+    assert row["cosine_shared"] == pytest.approx(9.0 / 15.0)
+
+
+def test_ch2_layer_scales_find_an_outlier_dimension():
+    states = torch.tensor([[[3.0, 0.0, 1.0]], [[-3.0, 0.0, 1.0]]])  # [tokens, layers, width]
+    (layer,) = ch2._layer_scales(states, top=2)
+    assert layer["rms"] == pytest.approx(math.sqrt(20.0 / 6.0))
+    assert layer["top_dims"] == [0, 2]
+    assert layer["top_over_rms"] == pytest.approx([3.0 / math.sqrt(20 / 6), 1.0 / math.sqrt(20 / 6)])
