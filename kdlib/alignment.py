@@ -147,12 +147,12 @@ class _PairwiseMSE(torch.autograd.Function):
         teacher, student, weights = ctx.saved_tensors
         scale = 2 * weights[..., None]  # [batch, seq, 1]
         grad_teacher = grad_student = None
-        if ctx.needs_input_grad[0]:
-            mixed = torch.einsum("km,mbsd->kbsd", grad, student)
-            grad_teacher = scale * (grad.sum(dim=1)[:, None, None, None] * teacher - mixed)
+        if ctx.needs_input_grad[0]:  # in place after the first product: two temporaries at most
+            grad_teacher = teacher * grad.sum(dim=1)[:, None, None, None]
+            grad_teacher.sub_(torch.einsum("km,mbsd->kbsd", grad, student)).mul_(scale)
         if ctx.needs_input_grad[1]:
-            mixed = torch.einsum("km,kbsd->mbsd", grad, teacher)
-            grad_student = scale * (grad.sum(dim=0)[:, None, None, None] * student - mixed)
+            grad_student = student * grad.sum(dim=0)[:, None, None, None]
+            grad_student.sub_(torch.einsum("km,kbsd->mbsd", grad, teacher)).mul_(scale)
         return grad_teacher, grad_student, None
 
 
