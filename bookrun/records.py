@@ -141,6 +141,7 @@ def run_reference(chapter: Chapter, allow_dirty: bool = False) -> Path:
     try:
         run_chapter(chapter, PROFILE, {}, scratch)
         metrics = json.loads((scratch / "metrics.json").read_text())
+        metrics["commit"] = commit  # beside profile, hardware and versions: what the run was
         metrics["record"] = {
             "commit": commit,
             "uncommitted_changes": bool(allow_dirty and _git("status", "--porcelain")),

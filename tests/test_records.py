@@ -29,6 +29,7 @@ def test_committed_record_is_complete_matches_its_profile_and_agrees_with_itself
     record = records.read_record(chapter)
     assert record["chapter"] == key and record["profile"] == "reference"
     assert re.fullmatch(r"[0-9a-f]{40}", record["record"]["commit"])
+    assert record["commit"] == record["record"]["commit"]
     assert not record["record"]["uncommitted_changes"]
     assert record["record"]["fingerprint"]["files"] and record["wall_time_s"] > 0
     assert {"processor", "torch_threads"} <= set(record["hardware"])
@@ -142,8 +143,10 @@ def test_a_reference_run_keeps_the_record_only_and_names_its_commit(tmp_path, mo
     target = records.run_reference(CHAPTERS["ch1"], allow_dirty=True)
     assert target == tmp_path / "ch1"
     assert sorted(p.name for p in target.iterdir()) == ["metrics.json", "predictions"]
-    meta = json.loads((target / "metrics.json").read_text())["record"]
+    written = json.loads((target / "metrics.json").read_text())
+    meta = written["record"]
     assert meta["commit"] == records._git("rev-parse", "HEAD") and meta["command"] == "make reference CH=ch1"
+    assert written["commit"] == meta["commit"]
     assert meta["fingerprint"] == records.fingerprint(CHAPTERS["ch1"], versions())
 
 
