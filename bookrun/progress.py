@@ -55,9 +55,9 @@ def _heading(cell: Any) -> str | None:
 def as_executed(cells: list[Any], parameterised: bool) -> list[Any]:
     """The cells as papermill runs them: with parameters, an injected cell follows the cell
     tagged `parameters` (so the hook's cell indices and the timings line up with these)."""
-    tagged = [i for i, c in enumerate(cells) if "parameters" in c.get("metadata", {}).get("tags", [])]
     if not parameterised:
         return list(cells)
+    tagged = [i for i, c in enumerate(cells) if "parameters" in c.get("metadata", {}).get("tags", [])]
     at = tagged[0] + 1 if tagged else 0
     return [*cells[:at], {"cell_type": "code", "source": "", "metadata": {}}, *cells[at:]]
 
@@ -88,6 +88,9 @@ class Progress:
         self.started = time.perf_counter()
         self.section: str | None = None
         self._partial = ""
+        self.sections: list[str | None] = []  # the `##` section each cell belongs to
+        for cell in cells:
+            self.sections.append(_heading(cell) or (self.sections[-1] if self.sections else None))
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -106,9 +109,7 @@ class Progress:
 
     def on_cell_start(self, cell: Any, cell_index: int, **_: Any) -> None:
         """nbclient's hook: announce a new section when execution reaches its first code cell."""
-        section = next(
-            (h for c in reversed(self.cells[:cell_index]) if (h := _heading(c)) is not None), None
-        )
+        section = self.sections[cell_index] if cell_index < len(self.sections) else self.section
         if cell.get("cell_type") != "code" or section is None or section == self.section:
             return
         self.section = section
