@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoModelForSequenceClassification, TrainerCallback
+from transformers import AutoModelForSequenceClassification, TrainerCallback, TrainerControl, TrainerState
 
 from kdlib.batching import FeatureDataset, PadCollator, RaggedArray, inference_batches
 from kdlib.registry import load_pretrained
@@ -58,6 +58,39 @@ def accuracy(model: torch.nn.Module, columns: dict[str, list], pad_token_id: int
     """Percentage of `columns` whose arg-max prediction equals its label."""
     predicted = forward_all(model, columns, pad_token_id, hidden=False)["logits"].argmax(-1)
     return float(100.0 * np.mean(predicted == np.asarray(columns["labels"])))
+
+
+class AccuracyCurve(TrainerCallback):
+    """A learning curve in accuracy: the model scored on `columns` every `every` optimiser steps
+    and after the last, appended to `points` as `{"step", "accuracy"}`.
+
+    Whether a run has reached its plateau is read from such a curve (how much its last steps
+    add); the Trainer's own evaluation loop would need an `eval_dataset` and `compute_metrics`
+    for each model, and scores with its own batching rather than `accuracy`'s length-sorted one.
+    """
+
+    def __init__(self, columns: dict[str, list], pad_token_id: int, every: int) -> None:
+        if every < 1:
+            raise ValueError(f"AccuracyCurve needs every >= 1 step, got {every}.")
+        self.columns, self.pad_token_id, self.every = columns, pad_token_id, every
+        self.points: list[dict[str, float]] = []
+
+    def on_step_end(
+        self,
+        args: Any,
+        state: TrainerState,
+        control: TrainerControl,
+        model: torch.nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if model is None:
+            raise ValueError("AccuracyCurve needs the Trainer to pass the model to its callbacks.")
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            was_training = model.training
+            self.points.append(
+                {"step": state.global_step, "accuracy": accuracy(model, self.columns, self.pad_token_id)}
+            )
+            model.train(was_training)
 
 
 def fine_tune(

@@ -56,6 +56,13 @@ class LayerDistillationArguments(DistillationArguments):
     )
     num_teacher_layers: int = field(default=4, metadata={"help": "How many teacher layers per step."})
     matching: str = field(default="ordered", metadata={"help": f"Student-layer matching: {MATCHINGS}."})
+    layer_warmup: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share in [0, 1) of the training steps over which the layer weight rises linearly "
+            "from 0 to layer_weight (0: constant, CoFi's recipe)."
+        },
+    )
 
     def loss_weights(self) -> dict[str, float]:
         return {"layer_weight": self.layer_weight, **super().loss_weights()}
@@ -65,6 +72,7 @@ class LayerDistillationArguments(DistillationArguments):
         check_choice("selection", self.selection, SELECTIONS)
         check_choice("matching", self.matching, MATCHINGS)
         check_range("num_teacher_layers", self.num_teacher_layers, low=1)
+        check_range("layer_warmup", self.layer_warmup, low=0.0, high=1.0, high_inclusive=False)
         if self.teacher_layers is not None and len(self.teacher_layers) != self.num_teacher_layers:
             raise ConfigError(
                 f"teacher_layers = {self.teacher_layers} lists {len(self.teacher_layers)} layers but "
@@ -169,8 +177,20 @@ class LayerDistillationTrainer(DistillationTrainer):
     def forward_kwargs(self) -> dict[str, Any]:
         return {"output_hidden_states": True}
 
+    def layer_weight_now(self) -> float:
+        """The layer weight at this step: `layer_weight`, ramped up over `layer_warmup` of the steps.
+
+        A student that does not know the task yet learns it from the prediction term alone; a
+        warm-up lets it do so before the layer term, whose gradient can be far larger, takes over.
+        """
+        args: LayerDistillationArguments = self.args  # type: ignore[assignment]
+        ramp = args.layer_warmup * max(self.state.max_steps, 1)
+        if ramp <= 0:
+            return args.layer_weight
+        return args.layer_weight * min(1.0, (self.state.global_step + 1) / ramp)
+
     def extra_losses(
         self, student_outputs: Any, inputs: dict[str, Any]
     ) -> dict[str, tuple[float, torch.Tensor]]:
-        weight = self.args.layer_weight
+        weight = self.layer_weight_now()
         return {"layer": (weight, self.layer_loss(student_outputs, inputs))} if weight > 0 else {}

@@ -23,7 +23,7 @@ import transformers
 from bookrun.chapters import PROFILES
 from kdlib.batching import FeatureDataset, PadCollator
 from kdlib.cache import TeacherOutputCache
-from kdlib.classification import accuracy, encode, fine_tune, load_classifier
+from kdlib.classification import AccuracyCurve, accuracy, encode, fine_tune, load_classifier
 from kdlib.config import ConfigError, check_choice, check_range
 from kdlib.data import load_sst2
 from kdlib.layer_distillation import (
@@ -58,6 +58,7 @@ class LayerExperimentConfig:
     teacher_steps: int
     teacher_batch_size: int
     teacher_learning_rate: float
+    teacher_curve_every: int
     student: str
     data_dir: str
     train_examples: int
@@ -69,10 +70,13 @@ class LayerExperimentConfig:
     alpha_ce: float
     temperature: float
     cofi_weight_seeds: list[int]
+    cofi_warmup: float
+    cofi_warmup_seeds: list[int]
     probe_steps: int
     learning_rate: float
     batch_size: int
     epochs: float
+    curve_every: int
     train_seeds: list[int]
     removed_layers: list[int]
     seed: int
@@ -80,7 +84,7 @@ class LayerExperimentConfig:
 
     def __post_init__(self) -> None:
         check_choice("profile", self.profile, PROFILES)
-        for name in ("teacher_steps", "eval_examples", "probe_steps"):
+        for name in ("teacher_steps", "eval_examples", "probe_steps", "teacher_curve_every", "curve_every"):
             check_range(name, getattr(self, name), low=0)
         for name in ("teacher_batch_size", "train_examples", "batch_size"):
             check_range(name, getattr(self, name), low=1)
@@ -91,6 +95,7 @@ class LayerExperimentConfig:
         check_range("layer_weight", self.layer_weight, low=0.0, high=1.0)
         check_range("alpha_ce", self.alpha_ce, low=0.0, high=1.0)
         check_range("epochs", self.epochs, low=0.0, low_inclusive=False)
+        check_range("cofi_warmup", self.cofi_warmup, low=0.0, high=1.0, high_inclusive=False)
         if not self.strategies:
             raise ConfigError("strategies is empty: choose some of " + ", ".join(STRATEGIES) + ".")
         for name in self.strategies:
@@ -103,8 +108,9 @@ class LayerExperimentConfig:
             raise ConfigError(f"teacher_layers = {self.teacher_layers}: layer indices start at 0.")
         if not self.train_seeds or len(set(self.train_seeds)) != len(self.train_seeds):
             raise ConfigError(f"train_seeds = {self.train_seeds} must be a non-empty list of distinct seeds.")
-        for seed in self.cofi_weight_seeds:
-            check_range("cofi_weight_seeds[i]", seed, low=0)
+        for name in ("cofi_weight_seeds", "cofi_warmup_seeds"):
+            for seed in getattr(self, name):
+                check_range(f"{name}[i]", seed, low=0)
         if self.removed_layers and min(self.removed_layers) < 0:
             raise ConfigError(f"removed_layers = {self.removed_layers}: layer indices start at 0.")
 
@@ -198,8 +204,10 @@ class LayerExperiment:
         """Fine-tune the teacher on its own SST-2 sample (skipped when teacher_steps is 0)."""
         cfg = self.cfg
         started = time.perf_counter()
+        teacher_dev = encode(self.teacher_tokenizer, self.dev, cfg.max_length)
         if cfg.teacher_steps:
             columns = encode(self.teacher_tokenizer, self.teacher_train, cfg.max_length)
+            curve = [AccuracyCurve(teacher_dev, self.teacher_tokenizer.pad_token_id, cfg.teacher_curve_every)]
             trainer = fine_tune(
                 self.teacher,
                 columns,
@@ -209,10 +217,12 @@ class LayerExperiment:
                 batch_size=cfg.teacher_batch_size,
                 learning_rate=cfg.teacher_learning_rate,
                 seed=cfg.seed,
+                callbacks=curve if cfg.teacher_curve_every else None,
             )
             self.record["results"]["teacher_curve"] = trainer.state.log_history
+            if cfg.teacher_curve_every:
+                self.record["results"]["teacher_accuracy_curve"] = curve[0].points
         self.teacher.eval()
-        teacher_dev = encode(self.teacher_tokenizer, self.dev, cfg.max_length)
         acc = accuracy(self.teacher, teacher_dev, self.teacher_tokenizer.pad_token_id)
         self.record["results"]["teacher"] = {"accuracy": acc, "examples": len(self.dev)}
         self.timings["teacher_fine_tune_s"] = time.perf_counter() - started
@@ -241,18 +251,26 @@ class LayerExperiment:
         existing: torch.Tensor | None = None,
         weights: tuple[float, float] | None = None,
         tag: str = "",
+        layer_warmup: float = 0.0,
+        curve: bool = False,
     ) -> StrategyRun:
         """Train a fresh student with `strategy` on the teacher's cached outputs (`teacher_outputs()`);
         its dev accuracy and alignment log are kept.
 
-        `weights` = (layer_weight, alpha_ce) overrides the configured pair; `tag` names the
-        variant in the results (`fixed-ordered/seed0/cofi-weights`).
+        `weights` = (layer_weight, alpha_ce) overrides the configured pair, `layer_warmup` ramps
+        the layer weight up over that share of the steps; `tag` names the variant in the results
+        (`fixed-ordered/seed0/cofi-weights`). With `curve` (and `curve_every` > 0) the student's
+        dev accuracy is also taken every `curve_every` steps (`accuracy_curves`).
         """
         transformers.set_seed(seed)
         student, tokenizer = load_classifier(self.cfg.student)
         add_projection(student, self.teacher.config.hidden_size)
-        args = self.strategy_arguments(strategy, seed, weights)
+        args = self.strategy_arguments(strategy, seed, weights, layer_warmup)
         trainer = self._trainer(student, tokenizer, args, teacher, existing)
+        tracker = None
+        if curve and self.cfg.curve_every:
+            tracker = AccuracyCurve(self.dev_columns, tokenizer.pad_token_id, self.cfg.curve_every)
+            trainer.add_callback(tracker)
         started = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - started
@@ -263,7 +281,14 @@ class LayerExperiment:
         results = self.record["results"]
         results.setdefault("runs", {})[name] = {"accuracy": acc, "seconds": round(seconds, 1)}
         results.setdefault("curves", {})[name] = trainer.state.log_history
-        alignment = summarise_alignment(trainer.alignment_log, self.teacher_depth, self.student_depth)
+        if tracker is not None:
+            results.setdefault("accuracy_curves", {})[name] = tracker.points
+        alignment = summarise_alignment(
+            trainer.alignment_log,
+            self.teacher_depth,
+            self.student_depth,
+            per_step=seed == self.cfg.train_seeds[0],
+        )
         if STRATEGIES[strategy] and STRATEGIES[strategy][1] == "ordered":
             mask = existing.tolist() if existing is not None else None
             alignment["cofi_matching"] = matching_fallbacks(trainer.alignment_log, existing=mask)
@@ -290,7 +315,7 @@ class LayerExperiment:
         )
 
     def strategy_arguments(
-        self, strategy: str, seed: int, weights: tuple[float, float] | None = None
+        self, strategy: str, seed: int, weights: tuple[float, float] | None = None, layer_warmup: float = 0.0
     ) -> LayerDistillationArguments:
         """The strategy as trainer arguments: its teacher layers and matching, the loss weights."""
         cfg = self.cfg
@@ -306,7 +331,7 @@ class LayerExperiment:
             num_train_epochs=cfg.epochs,
             warmup_steps=0.1,
             weight_decay=0.01,
-            logging_steps=max(1, min(5, steps // 5)),
+            logging_steps=max(1, min(5, steps // 5), steps // 20),  # at most ~20 log entries a run
             seed=seed,
             temperature=cfg.temperature,
             alpha_ce=alpha_ce,
@@ -316,6 +341,7 @@ class LayerExperiment:
             teacher_layers=cfg.teacher_layers if selection == "fixed" else None,
             num_teacher_layers=len(cfg.teacher_layers),
             matching=matching,
+            layer_warmup=layer_warmup,
             train_sampling_strategy="group_by_length",
         )
 
@@ -367,8 +393,14 @@ class LayerExperiment:
                 "layer": weights[0] * trainer.layer_loss(out, batch),
             }
             grads = {
-                name: dict(zip(params, torch.autograd.grad(value, list(params.values()),
-                                                           retain_graph=True, allow_unused=True)))
+                name: dict(
+                    zip(
+                        params,
+                        torch.autograd.grad(
+                            value, list(params.values()), retain_graph=True, allow_unused=True
+                        ),
+                    )
+                )
                 for name, value in terms.items()
             }
             rows.append({"step": step + 1, **_term_sizes(terms, grads)})
@@ -412,17 +444,16 @@ class LayerExperiment:
         return exists
 
     def summarize(self) -> dict[str, Any]:
-        """Mean ± std of dev accuracy per strategy over the seeds."""
-        results = self.record["results"]
-        table = {}
-        for strategy in self.cfg.strategies:
-            values = [results["runs"][f"{strategy}/seed{s}"]["accuracy"] for s in self.cfg.train_seeds]
-            table[strategy] = {**seed_summary(values), "seeds": list(self.cfg.train_seeds)}
-        results["strategies"] = table
-        comparison = random_vs_fixed(table)
-        if comparison is not None:
-            results["random_vs_fixed"] = comparison
-            self.record["claims"] = [rail_kd_claim(comparison)]
+        """Mean ± std of dev accuracy per strategy and variant over the seeds, the comparisons
+        between them (`compare`), how flat the curves end (`plateau`), and the claims."""
+        cfg, results = self.cfg, self.record["results"]
+        per_seed, seeds_of = seed_accuracies(asdict(cfg), results["runs"])
+        table = {name: {**seed_summary(values), "seeds": seeds_of[name]} for name, values in per_seed.items()}
+        results["strategies"] = {k: v for k, v in table.items() if k in cfg.strategies}
+        results["variants"] = {k: v for k, v in table.items() if k not in cfg.strategies}
+        results["comparisons"] = comparisons(per_seed)
+        results["plateau"] = plateau(results)
+        self.record["claims"] = claims(results["comparisons"], cfg.cofi_warmup)
         return table
 
     def write(self) -> Path:
@@ -474,43 +505,208 @@ def _term_sizes(
     return row
 
 
-def rail_kd_claim(comparison: dict[str, Any]) -> dict[str, Any]:
-    """The RAIL-KD user's claim, judged on `random_vs_fixed`: anything but "trails" reproduces it."""
-    return claim_record(
-        "Random teacher layers each step (RAIL-KD) do as well as CoFi's fixed [2, 5, 8, 11]",
-        "not reproduced" if comparison["relation"] == "trails" else "reproduced",
-        measured=f"`{comparison['random']}` {comparison['gap']:+.1f} points vs "
-        f"`{comparison['fixed']}` (seed spread {comparison['noise']:.1f})",
-        paper="CoFi (Xia et al. 2022) distils the fixed layers [2, 5, 8, 11]",
-        replication="a CoFi user: random layers 'always lead to satisfying results' (RAIL-KD)",
+EQUIVALENCE_MARGIN = 1.0
+"""Two strategies *match* when the 95% interval of their difference lies within ±1 point."""
+
+VARIANTS = {"cofi-weights": "cofi_weight_seeds", "cofi-warmup": "cofi_warmup_seeds"}
+"""The variants of `fixed-ordered` with CoFi's weights (tag -> the parameter naming its seeds)."""
+
+COMPARISONS = [
+    ("fixed-min", "kd-only"),
+    ("fixed-ordered", "kd-only"),
+    ("random-ordered", "kd-only"),
+    ("window-ordered", "kd-only"),
+    ("fixed-reversed", "kd-only"),
+    ("random-ordered", "fixed-ordered"),  # RAIL-KD's random layers against CoFi's fixed ones
+    ("window-ordered", "fixed-ordered"),
+    ("random-ordered", "fixed-min"),
+    ("fixed-min", "fixed-ordered"),
+    ("fixed-reversed", "fixed-ordered"),  # the control
+    ("fixed-ordered/cofi-weights", "kd-only"),
+    ("fixed-ordered/cofi-warmup", "kd-only"),
+    ("fixed-ordered/cofi-warmup", "fixed-ordered/cofi-weights"),
+]
+"""(a, b) pairs compared as a - b, when both were run over at least two seeds."""
+
+
+def seed_accuracies(
+    params: dict[str, Any], runs: dict[str, dict[str, Any]]
+) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+    """(name -> dev accuracy per seed, name -> those seeds) for every strategy and variant run."""
+    seeds_of = {name: list(params["train_seeds"]) for name in params["strategies"]}
+    for tag, key in VARIANTS.items():
+        if params[key]:
+            seeds_of[f"fixed-ordered/{tag}"] = list(params[key])
+    per_seed = {}
+    for name, seeds in seeds_of.items():
+        strategy, _, tag = name.partition("/")
+        per_seed[name] = [
+            runs[f"{strategy}/seed{seed}" + (f"/{tag}" if tag else "")]["accuracy"] for seed in seeds
+        ]
+    return per_seed, seeds_of
+
+
+def comparisons(per_seed: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
+    """Every pair of `COMPARISONS` whose both sides ran over at least two seeds (`compare`)."""
+    return {
+        f"{a} vs {b}": compare(per_seed[a], per_seed[b])
+        for a, b in COMPARISONS
+        if a in per_seed and b in per_seed and min(len(per_seed[a]), len(per_seed[b])) >= 2
+    }
+
+
+def relation(low: float, high: float, margin: float = EQUIVALENCE_MARGIN) -> str:
+    """What a 95% interval [low, high] of a - b says: "beats" (above 0), "trails" (below 0),
+    "matches" (within ±margin), else "undecided" (too wide to tell: more seeds)."""
+    if low > 0:
+        return "beats"
+    if high < 0:
+        return "trails"
+    if -margin <= low and high <= margin:
+        return "matches"
+    return "undecided"
+
+
+def _t_interval(result: Any, difference: float, se: float) -> tuple[float, float, float]:
+    """(low, high, p) of a scipy t-test result; a zero standard error leaves no doubt."""
+    if se == 0:
+        return difference, difference, 1.0 if difference == 0 else 0.0
+    low, high = result.confidence_interval(0.95)
+    return float(low), float(high), float(result.pvalue)
+
+
+def compare(a: list[float], b: list[float]) -> dict[str, Any]:
+    """mean(a) - mean(b) over seeds, in points: Welch's standard error, 95% interval and
+    two-sided p (unequal variances) and its `relation`; when both sides ran the same seeds,
+    the same from the per-seed differences (`paired`: each seed fixes the data order and the
+    initial head and projection, so its luck partly cancels)."""
+    from scipy import stats
+
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if len(x) < 2 or len(y) < 2:
+        raise ValueError("compare needs at least two seeds on each side.")
+    difference = float(x.mean() - y.mean())
+    se = math.sqrt(x.var(ddof=1) / len(x) + y.var(ddof=1) / len(y))
+    low, high, p = _t_interval(stats.ttest_ind(x, y, equal_var=False) if se else None, difference, se)
+    result: dict[str, Any] = {
+        "difference": difference,
+        "se": se,
+        "low": low,
+        "high": high,
+        "p": p,
+        "relation": relation(low, high),
+        "seeds": [len(x), len(y)],
+    }
+    if len(x) == len(y):
+        paired_se = float((x - y).std(ddof=1) / math.sqrt(len(x)))
+        p_low, p_high, p_value = _t_interval(
+            stats.ttest_rel(x, y) if paired_se else None, difference, paired_se
+        )
+        result["paired"] = {"se": paired_se, "low": p_low, "high": p_high, "p": p_value}
+    return result
+
+
+def tail_gain(points: list[dict[str, float]], share: float = 0.2) -> float | None:
+    """Accuracy gained over the last `share` of a curve's steps: its last point minus the last
+    point at or before (1 - share) of them; None without such a point."""
+    if not points:
+        return None
+    end = points[-1]["step"]
+    before = [p for p in points if p["step"] <= (1 - share) * end]
+    return points[-1]["accuracy"] - before[-1]["accuracy"] if before else None
+
+
+def plateau(results: dict[str, Any]) -> dict[str, Any]:
+    """How flat the teacher's and each student's dev-accuracy curve ends (`tail_gain`)."""
+    curves = results.get("accuracy_curves", {})
+    return {
+        "teacher": tail_gain(results.get("teacher_accuracy_curve", [])),
+        "students": {name: tail_gain(points) for name, points in curves.items()},
+    }
+
+
+def verdict_of(relation_: str) -> str:
+    """A claim that "a does as well as b" is reproduced when a beats or matches b."""
+    return {"beats": "reproduced", "matches": "reproduced", "trails": "not reproduced"}.get(
+        relation_, "inconclusive"
     )
 
 
-def random_vs_fixed(table: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
-    """The best random strategy against the best fixed one (the reversed control excluded).
-
-    "matches" when the gap is within the larger of their seed standard deviations, else
-    "beats" or "trails". None unless both kinds were run.
-    """
-    fixed = [k for k in table if k.startswith("fixed-") and k != "fixed-reversed"]
-    random_ = [k for k in table if k in ("random-ordered", "window-ordered")]
-    if not fixed or not random_:
-        return None
-    best_fixed = max(fixed, key=lambda k: table[k]["mean"])
-    best_random = max(random_, key=lambda k: table[k]["mean"])
-    gap = table[best_random]["mean"] - table[best_fixed]["mean"]
-    noise = max(table[best_random]["std"], table[best_fixed]["std"])
-    relation = "matches" if abs(gap) <= noise else "beats" if gap > 0 else "trails"
-    return {"random": best_random, "fixed": best_fixed, "gap": gap, "noise": noise, "relation": relation}
+def _measured(name: str, c: dict[str, Any]) -> str:
+    return (
+        f"`{name.replace(' vs ', '` - `')}`: {c['difference']:+.1f} points, 95% interval "
+        f"[{c['low']:+.1f}, {c['high']:+.1f}] (Welch, {c['seeds'][0]} and {c['seeds'][1]} seeds): "
+        f"{c['relation']}"
+    )
 
 
-def summarise_alignment(log: list[dict[str, Any]], teacher_depth: int, student_depth: int) -> dict[str, Any]:
+def claims(comparisons: dict[str, dict[str, Any]], warmup: float) -> list[dict[str, Any]]:
+    """The chapter's claims, each judged on one comparison's interval (`relation`, `verdict_of`)."""
+    found = []
+    rail = comparisons.get("random-ordered vs fixed-ordered")
+    if rail is not None:
+        found.append(
+            claim_record(
+                "Random teacher layers each step (RAIL-KD) do as well as CoFi's fixed [2, 5, 8, 11]",
+                verdict_of(rail["relation"]),
+                measured=_measured("random-ordered vs fixed-ordered", rail),
+                paper="CoFi (Xia et al. 2022) distils the fixed layers [2, 5, 8, 11]",
+                replication="a CoFi user: random layers 'always lead to satisfying results' (RAIL-KD)",
+            )
+        )
+    recipes = [
+        ("fixed-ordered/cofi-weights vs kd-only", "as published"),
+        (
+            "fixed-ordered/cofi-warmup vs kd-only",
+            f"with the layer weight warmed up over the first {warmup:.0%} of the steps",
+        ),
+    ]
+    for name, how in recipes:
+        if name in comparisons:
+            found.append(
+                claim_record(
+                    f"CoFi's loss weights (0.9 layers, 0.1 prediction KD), {how}, train a student as "
+                    "good as prediction distillation alone",
+                    verdict_of(comparisons[name]["relation"]),
+                    measured=_measured(name, comparisons[name]),
+                    paper="CoFi (Xia et al. 2022) distils with layer weight 0.9 and prediction weight 0.1",
+                )
+            )
+    return found
+
+
+def check_record(record: dict[str, Any]) -> list[str]:
+    """What is inconsistent in a chapter 2 record: every run its parameters name must be there,
+    and its summaries, comparisons and claims must be what its own per-seed accuracies give."""
+    params, results = record["parameters"], record["results"]
+    try:
+        per_seed, _ = seed_accuracies(params, results["runs"])
+    except KeyError as missing:
+        return [f"run {missing} is missing"]
+    problems = []
+    summaries = {**results["strategies"], **results.get("variants", {})}
+    for name, values in per_seed.items():
+        if name not in summaries or not math.isclose(summaries[name]["mean"], float(np.mean(values))):
+            problems.append(f"the summary of {name} is not the mean of its runs")
+    if results.get("comparisons") != comparisons(per_seed):
+        problems.append("the comparisons are not what the runs give")
+    if record.get("claims") != claims(comparisons(per_seed), params["cofi_warmup"]):
+        problems.append("the claims are not what the comparisons give")
+    if params["curve_every"] and not results.get("accuracy_curves"):
+        problems.append("curve_every is set but no accuracy curve was recorded")
+    return problems
+
+
+def summarise_alignment(
+    log: list[dict[str, Any]], teacher_depth: int, student_depth: int, per_step: bool = True
+) -> dict[str, Any]:
     """How often each (teacher layer, student layer) pair was distilled, and the last steps' view.
 
     `pairs[t][s]` counts steps where teacher layer t was matched to student layer s;
     `last_matrix` is the mean layer-loss matrix over the last 10 logged steps with the same
     teacher layers as the final step (the fixed strategies: every step), and `last_alignment`
-    the final step's matching; `per_step` keeps every step's alignment (for plots of how it moves).
+    the final step's matching; with `per_step`, every step's alignment is kept too (for plots of
+    how it moves; the chapter keeps it for the first seed, so that long runs' records stay small).
     """
     pairs = np.zeros((teacher_depth, student_depth), dtype=int)
     for entry in log:
@@ -520,15 +716,17 @@ def summarise_alignment(log: list[dict[str, Any]], teacher_depth: int, student_d
         return {"pairs": pairs.tolist()}
     last = log[-1]
     same = [e for e in log if e["teacher_layers"] == last["teacher_layers"]][-10:]
-    return {
+    summary = {
         "pairs": pairs.tolist(),
         "last_teacher_layers": last["teacher_layers"],
         "last_alignment": last["alignment"],
         "last_matrix": np.mean([e["loss_matrix"] for e in same], axis=0).tolist(),
-        "per_step": [
-            {"step": e["step"], "layers": e["teacher_layers"], "alignment": e["alignment"]} for e in log
-        ],
     }
+    if per_step:
+        summary["per_step"] = [
+            {"step": e["step"], "layers": e["teacher_layers"], "alignment": e["alignment"]} for e in log
+        ]
+    return summary
 
 
 def cofi_ordered_alignment(
