@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from bookrun.chapters import CHAPTERS
+from experiments import ch2_layer_distillation as ch2
 from kdlib.report import VERDICTS
 
 
@@ -193,8 +194,52 @@ def test_ch2_alignments_respect_the_strategy(ch2_metrics):
         ordered = name.split("/")[0] in ("fixed-ordered", "random-ordered")
         assert ("cofi_matching" in info) == ordered
         if ordered:
-            assert info["cofi_matching"]["steps"] == len(info["per_step"])
+            assert info["cofi_matching"]["steps"] == 4  # every step of the run (64 sentences / 16)
             assert info["cofi_matching"]["past_last"] == 0  # no 6-layer run here lacks a candidate
+        layered = not name.startswith("kd-only")
+        assert ("per_step" in info) == (layered and "/seed0" in name)  # every step: first seed only
+        if "per_step" in info:
+            assert [step["step"] for step in info["per_step"]] == [1, 2, 3, 4]
+
+
+def test_ch2_compares_with_intervals_and_its_claims_read_them(ch2_metrics):
+    results = ch2_metrics["results"]
+    assert {"random-ordered vs fixed-ordered", "fixed-ordered/cofi-weights vs kd-only",
+            "fixed-ordered/cofi-warmup vs kd-only", "fixed-min vs kd-only"} <= set(results["comparisons"])
+    for c in results["comparisons"].values():
+        assert c["low"] <= c["difference"] <= c["high"] and c["seeds"] == [2, 2]
+        assert c["relation"] == ch2.relation(c["low"], c["high"])
+    assert [claim["verdict"] for claim in ch2_metrics["claims"]] == [
+        ch2.verdict_of(results["comparisons"][name]["relation"])
+        for name in ("random-ordered vs fixed-ordered", "fixed-ordered/cofi-weights vs kd-only",
+                     "fixed-ordered/cofi-warmup vs kd-only")
+    ]
+    assert ch2.check_record(ch2_metrics) == []
+
+
+def test_ch2_records_the_accuracy_curves_it_was_asked_for(ch2_metrics):
+    results = ch2_metrics["results"]
+    curves = results["accuracy_curves"]
+    assert set(curves) == {"kd-only/seed0", "kd-only/seed1", "fixed-min/seed0", "fixed-ordered/seed0",
+                           "random-ordered/seed0", "fixed-ordered/seed0/cofi-weights",
+                           "fixed-ordered/seed0/cofi-warmup"}  # kd-only's seeds, the others' first
+    for name, points in curves.items():
+        assert [p["step"] for p in points] == [2, 4]  # curve_every 2 of 4 steps
+        assert points[-1]["accuracy"] == results["runs"][name]["accuracy"]  # the final model
+    teacher = results["teacher_accuracy_curve"]
+    assert [p["step"] for p in teacher] == [1, 2]  # teacher_curve_every 1 of 2 steps
+    assert teacher[-1]["accuracy"] == results["teacher"]["accuracy"]
+    assert results["plateau"]["students"]["kd-only/seed0"] == pytest.approx(
+        curves["kd-only/seed0"][1]["accuracy"] - curves["kd-only/seed0"][0]["accuracy"])
+
+
+def test_ch2_warmup_ramps_cofis_layer_weight(ch2_metrics):
+    logged = [h for h in ch2_metrics["results"]["curves"]["fixed-ordered/seed0/cofi-warmup"] if "loss" in h]
+    weights = [(h["loss"] - 0.1 * h["loss_kd"]) / h["loss_layer"] for h in logged]
+    assert weights == pytest.approx([0.45, 0.9, 0.9, 0.9], abs=2e-3)  # 0.9 reached at half of 4 steps
+    plain = [h for h in ch2_metrics["results"]["curves"]["fixed-ordered/seed0/cofi-weights"] if "loss" in h]
+    weights = [(h["loss"] - 0.1 * h["loss_kd"]) / h["loss_layer"] for h in plain]
+    assert weights == pytest.approx([0.9] * 4, abs=2e-3)  # as published: constant
 
 
 def test_ch2_logs_layer_and_kd_terms(ch2_metrics):

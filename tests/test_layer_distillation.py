@@ -166,6 +166,21 @@ def test_training_logs_terms_and_the_alignment_of_every_step(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
+def test_layer_weight_warms_up_linearly_then_holds(tmp_path):
+    teacher, student = models()
+    trainer = LayerDistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        train_dataset=FeatureDataset(rows()),
+        data_collator=PadCollator(0),
+        args=args(tmp_path, layer_warmup=0.5),  # 4 steps: the weight reaches 0.9 at step 2
+    )
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    weights = [(h["loss"] - 0.1 * h["loss_kd"]) / h["loss_layer"] for h in logged]
+    assert weights == pytest.approx([0.45, 0.9, 0.9, 0.9], abs=1e-3)
+
+
 def test_removed_student_layers_are_never_matched(tmp_path):
     teacher, student = models()
     ds = FeatureDataset(rows())
@@ -200,6 +215,8 @@ def test_teacher_layer_beyond_depth_is_named(tmp_path):
         ({"teacher_layers": [1, 2, 3]}, "teacher_layers"),
         ({"num_teacher_layers": 0, "teacher_layers": None}, "num_teacher_layers"),
         ({"layer_weight": 0.0, "alpha_ce": 0.0, "alpha_task": 0.0}, "all 0"),
+        ({"layer_warmup": 1.0}, "layer_warmup"),
+        ({"layer_warmup": -0.1}, "layer_warmup"),
     ],
 )
 def test_arguments_name_the_bad_value(tmp_path, overrides, culprit):

@@ -69,32 +69,100 @@ def test_ch1_claim_follows_the_f1_gain(mean, se, improved, verdict):
 # --- chapter 2: random against fixed teacher layers ------------------------------------
 
 
-def strategy_table(random_mean):
-    return {
-        "fixed-min": {"mean": 80.0, "std": 1.0},
-        "fixed-ordered": {"mean": 81.0, "std": 1.0},
-        "fixed-reversed": {"mean": 95.0, "std": 0.2},  # the control never counts as "fixed"
-        "random-ordered": {"mean": random_mean, "std": 0.5},
-        "window-ordered": {"mean": random_mean - 3, "std": 2.0},
-    }
+@pytest.mark.parametrize(
+    "low, high, relation",
+    [(0.2, 2.0, "beats"), (-2.0, -0.1, "trails"), (-0.8, 0.9, "matches"), (-1.5, 0.5, "undecided")],
+)
+def test_ch2_relation_reads_the_interval(low, high, relation):
+    assert ch2.relation(low, high) == relation
+
+
+def test_ch2_compare_gives_welchs_and_the_paired_interval():
+    from scipy import stats
+
+    a, b = [80.0, 82.0, 84.0], [79.0, 80.0, 81.0]
+    c = ch2.compare(a, b)
+    # mean 82 - 80; variances 4 and 1 over 3 seeds; Welch's df = (5/3)^2 / ((4/3)^2/2 + (1/3)^2/2)
+    assert c["difference"] == pytest.approx(2.0)
+    assert c["se"] == pytest.approx((5 / 3) ** 0.5)
+    half = stats.t.ppf(0.975, 50 / 17) * (5 / 3) ** 0.5
+    assert (c["low"], c["high"]) == pytest.approx((2.0 - half, 2.0 + half))
+    assert c["relation"] == "undecided" and c["seeds"] == [3, 3]
+    # per-seed differences 1, 2, 3: mean 2, sd 1, se 1/sqrt(3), t with 2 df
+    half = stats.t.ppf(0.975, 2) / 3**0.5
+    assert c["paired"]["se"] == pytest.approx(1 / 3**0.5)
+    assert (c["paired"]["low"], c["paired"]["high"]) == pytest.approx((2.0 - half, 2.0 + half))
+    assert c["paired"]["p"] < c["p"]  # the seed's luck cancels in the pairs
+
+
+def test_ch2_compare_without_spread_is_certain_and_needs_two_seeds():
+    same = ch2.compare([80.0, 80.0], [78.0, 78.0])
+    assert (same["low"], same["high"], same["p"], same["relation"]) == (2.0, 2.0, 0.0, "beats")
+    assert "paired" not in ch2.compare([80.0, 81.0, 82.0], [80.0, 81.0])  # different seed counts
+    with pytest.raises(ValueError, match="two seeds"):
+        ch2.compare([80.0], [79.0, 81.0])
+
+
+def comparison(relation):
+    return {"difference": 0.5, "se": 0.4, "low": -0.5, "high": 1.5, "p": 0.3, "relation": relation,
+            "seeds": [5, 5]}
 
 
 @pytest.mark.parametrize(
-    "random_mean, relation, verdict",
-    [(81.5, "matches", "reproduced"), (84.0, "beats", "reproduced"), (78.0, "trails", "not reproduced")],
+    "relation, verdict",
+    [("beats", "reproduced"), ("matches", "reproduced"), ("trails", "not reproduced"),
+     ("undecided", "inconclusive")],
 )
-def test_ch2_random_vs_fixed_against_the_seed_spread(random_mean, relation, verdict):
-    comparison = ch2.random_vs_fixed(strategy_table(random_mean))
-    assert comparison["fixed"] == "fixed-ordered" and comparison["random"] == "random-ordered"
-    assert comparison["gap"] == pytest.approx(random_mean - 81.0)
-    assert comparison["noise"] == 1.0  # the larger of the two strategies' standard deviations
-    assert comparison["relation"] == relation
-    assert ch2.rail_kd_claim(comparison)["verdict"] == verdict
+def test_ch2_claims_read_their_comparison(relation, verdict):
+    comparisons = {
+        "random-ordered vs fixed-ordered": comparison(relation),
+        "fixed-ordered/cofi-weights vs kd-only": comparison("trails"),
+        "fixed-ordered/cofi-warmup vs kd-only": comparison(relation),
+    }
+    rail, cofi, warm = ch2.claims(comparisons, warmup=0.5)
+    assert rail["verdict"] == verdict and "RAIL-KD" in rail["claim"]
+    assert "`random-ordered` - `fixed-ordered`: +0.5 points, 95% interval [-0.5, +1.5]" in rail["measured"]
+    assert cofi["verdict"] == "not reproduced" and "as published" in cofi["claim"]
+    assert warm["verdict"] == verdict and "first 50% of the steps" in warm["claim"]
+    assert ch2.claims({}, warmup=0.5) == []  # nothing compared, nothing claimed
 
 
-def test_ch2_random_vs_fixed_needs_both_kinds():
-    assert ch2.random_vs_fixed({"fixed-min": {"mean": 80.0, "std": 1.0}}) is None
-    assert ch2.random_vs_fixed({"random-ordered": {"mean": 80.0, "std": 1.0}}) is None
+def test_ch2_tail_gain_is_what_the_last_fifth_of_the_steps_added():
+    curve = ((32, 70.0), (64, 80.0), (96, 84.0), (128, 85.0), (160, 85.4))
+    points = [{"step": s, "accuracy": a} for s, a in curve]
+    assert ch2.tail_gain(points) == pytest.approx(0.4)  # step 160 minus step 128 (= 80% of 160)
+    assert ch2.tail_gain(points[3:4]) is None  # one point: nothing before the last fifth
+    assert ch2.tail_gain([]) is None
+
+
+def ch2_record():
+    """A consistent record of two strategies and CoFi's weights over three seeds."""
+    params = {"strategies": ["kd-only", "random-ordered", "fixed-ordered"], "train_seeds": [0, 1, 2],
+              "cofi_weight_seeds": [0, 1], "cofi_warmup_seeds": [], "cofi_warmup": 0.5, "curve_every": 0}
+    accuracy = {"kd-only": [85.0, 86.0, 85.5], "random-ordered": [85.2, 85.9, 86.1],
+                "fixed-ordered": [84.0, 85.0, 84.4]}
+    runs = {f"{s}/seed{i}": {"accuracy": a} for s, values in accuracy.items() for i, a in enumerate(values)}
+    runs |= {f"fixed-ordered/seed{i}/cofi-weights": {"accuracy": a} for i, a in enumerate((50.9, 51.2))}
+    per_seed, seeds_of = ch2.seed_accuracies(params, runs)
+    table = {n: {"mean": float(np.mean(v)), "seeds": seeds_of[n]} for n, v in per_seed.items()}
+    comparisons = ch2.comparisons(per_seed)
+    results = {"runs": runs, "strategies": {k: v for k, v in table.items() if "/" not in k},
+               "variants": {k: v for k, v in table.items() if "/" in k}, "comparisons": comparisons}
+    return {"parameters": params, "results": results, "claims": ch2.claims(comparisons, 0.5)}
+
+
+def test_ch2_record_check_accepts_a_consistent_record_and_names_what_moved():
+    record = ch2_record()
+    assert set(record["results"]["comparisons"]) == {
+        "random-ordered vs kd-only", "fixed-ordered vs kd-only", "random-ordered vs fixed-ordered",
+        "fixed-ordered/cofi-weights vs kd-only"}
+    assert ch2.check_record(record) == []
+    record["results"]["runs"]["kd-only/seed1"]["accuracy"] = 90.0
+    problems = ch2.check_record(record)
+    assert "the summary of kd-only is not the mean of its runs" in problems
+    assert "the comparisons are not what the runs give" in problems
+    del record["results"]["runs"]["random-ordered/seed2"]
+    assert ch2.check_record(record) == ["run 'random-ordered/seed2' is missing"]
 
 
 def test_ch2_alignment_summary_counts_pairs_and_averages_the_last_matrices():

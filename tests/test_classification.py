@@ -1,0 +1,56 @@
+"""kdlib.classification's accuracy curve on a tiny classifier: where it scores, and that
+scoring during training leaves the training itself unchanged."""
+
+import pytest
+import torch
+from transformers import BertForSequenceClassification
+
+from kdlib.classification import AccuracyCurve, accuracy, fine_tune
+
+from conftest import tiny_bert_config
+
+
+def columns(n=12):
+    g = torch.Generator().manual_seed(3)
+    ids = [torch.randint(5, 30, (3 + i % 4,), generator=g).tolist() for i in range(n)]
+    return {
+        "input_ids": ids,
+        "attention_mask": [[1] * len(x) for x in ids],
+        "labels": [i % 2 for i in range(n)],
+    }
+
+
+def trained(tmp_path, callbacks=None):
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_bert_config(layers=2, hidden=8))
+    fine_tune(
+        model,
+        columns(),
+        0,
+        output_dir=str(tmp_path),
+        steps=5,
+        batch_size=4,
+        learning_rate=1e-2,
+        seed=0,
+        callbacks=callbacks,
+    )
+    return model
+
+
+def test_the_curve_scores_every_few_steps_and_after_the_last(tmp_path):
+    curve = AccuracyCurve(columns(), 0, every=2)
+    model = trained(tmp_path, [curve])
+    assert [p["step"] for p in curve.points] == [2, 4, 5]
+    assert curve.points[-1]["accuracy"] == accuracy(model, columns(), 0)  # the final model's score
+
+
+def test_scoring_during_training_changes_nothing_in_it(tmp_path):
+    plain = trained(tmp_path / "plain")
+    scored = trained(tmp_path / "scored", [AccuracyCurve(columns(), 0, every=1)])
+    for (name, a), b in zip(plain.state_dict().items(), scored.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_a_curve_needs_a_positive_interval():
+    with pytest.raises(ValueError, match="every >= 1"):
+        AccuracyCurve(columns(), 0, every=0)
