@@ -17,7 +17,7 @@ export KDLIB_MODELS_DIR ?= $(if $(wildcard $(SHARED)/models),$(SHARED)/models,)
 # for grep: pip check reports their declared dependencies as missing, by design
 NODEPS := $(shell sed -e 's/[=<>].*//' -e '/^\#/d' -e '/^$$/d' requirements-nodeps.txt requirements-bench.txt | paste -s -d '|')
 
-.PHONY: setup book test chapter reference params teacher notebooks bench clean
+.PHONY: setup book test test-fast chapter reference params teacher notebooks bench clean
 
 setup: $(VENV)/.installed
 
@@ -39,6 +39,12 @@ book: setup
 test: setup
 	$(VENV)/bin/ruff check kdlib bookrun bench tests book/experiments
 	$(PY) -m pytest -q
+
+# the unit tests alone (tiny models built from configs; no smoke book, no pretrained model), for
+# a contributor's edit-test loop
+test-fast: setup
+	$(VENV)/bin/ruff check kdlib bookrun bench tests book/experiments
+	$(PY) -m pytest -q -m "not slow"
 
 chapter: setup
 	$(PY) -m bookrun run $(CH) --profile $(PROFILE) $(PARAMS)

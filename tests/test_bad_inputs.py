@@ -298,6 +298,7 @@ def test_catalogue_has_at_least_twenty_cases():
     assert len(CASES) >= 20
 
 
+@pytest.mark.slow  # a fresh interpreter per call
 def test_unwritable_output_folder_stops_the_cli_before_any_work(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")

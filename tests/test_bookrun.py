@@ -65,6 +65,7 @@ def test_cli_values_are_read_as_yaml():
     assert parse_value("minilm-l3") == "minilm-l3"
 
 
+@pytest.mark.slow  # a fresh interpreter per call
 def test_cli_refuses_bad_parameter_in_seconds_with_exit_code_2(tmp_path):
     started = time.perf_counter()
     result = subprocess.run(

@@ -13,6 +13,8 @@ from bookrun.chapters import CHAPTERS
 from experiments import ch2_layer_distillation as ch2
 from kdlib.report import VERDICTS
 
+pytestmark = pytest.mark.slow  # real models, the smoke book or subprocesses
+
 
 @pytest.fixture(scope="module")
 def ch1_metrics(shared_data, tmp_path_factory):
@@ -135,7 +137,6 @@ def test_ch1_paper_profile_fails_fast_offline(tmp_path):
     assert not (tmp_path / "p" / "metrics.json").exists()
 
 
-@pytest.mark.slow
 def test_teacher_command_saves_a_loadable_stamped_teacher(shared_data, tmp_path, monkeypatch):
     from experiments.ch1_teacher import TeacherRecipe, train_teacher
     from kdlib.registry import STAMP, WEIGHTS, sha256_file

@@ -16,6 +16,8 @@ import pytest
 
 from bookrun.chapters import CHAPTERS
 
+pytestmark = pytest.mark.slow  # real models, the smoke book or subprocesses
+
 
 def chromium() -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -15,6 +15,9 @@ from kdlib.cache import TeacherOutputCache
 SCRIPT = Path(__file__).parent / "scripts" / "kd_run.py"
 
 
+pytestmark = pytest.mark.slow  # real models, the smoke book or subprocesses
+
+
 def kd_run(out, *flags, launcher=(sys.executable,)):
     result = subprocess.run(
         [*launcher, str(SCRIPT), str(out), *flags], capture_output=True, text=True, timeout=300
