@@ -4,9 +4,11 @@ A reference run is long (up to ~100 minutes on 2 cores) and is what decides a ch
 claims, so CI never runs one: it reads the committed record. The record is the chapter's
 `metrics.json` and what a reader needs to check it (chapter 1's SQuAD predictions), under
 `book/records/<chapter>/`, with a fingerprint of everything that decides its numbers: the
-reference profile's values, the source of the chapter, of its experiment module and of every
-`kdlib` module those import, and the torch and transformers versions. A record whose
-fingerprint no longer matches the checkout is *stale*: the page says so, and which file moved.
+reference profile's values, the source of the chapter and of its experiment module, the
+definitions of every `kdlib` module they reach (`bookrun.reach`), and the torch and
+transformers versions. A record whose fingerprint no longer matches the checkout is *stale*:
+the page says so, and which file moved. (Records made before the `definitions` scheme hashed
+each reached `kdlib` file whole; `staleness` still reads them that way.)
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 
 from bookrun.chapters import BOOK, CHAPTERS, ROOT, Chapter
 from bookrun.params import chapter_config, profile_values
+from bookrun.reach import code_cells, reached_digests
 from kdlib.config import ConfigError
 
 RECORDS = BOOK / "records"
@@ -47,9 +50,13 @@ def read_record(chapter: Chapter) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _module_file(name: str) -> Path | None:
+SCHEME = "definitions"
+"""How `fingerprint` hashes the library: the definitions a chapter reaches (`bookrun.reach`)."""
+
+
+def _module_file(name: str, root: Path = ROOT) -> Path | None:
     top, *rest = name.split(".")
-    base = {"kdlib": ROOT / "kdlib", "experiments": BOOK / "experiments"}[top]
+    base = {"kdlib": root / "kdlib", "experiments": root / BOOK.relative_to(ROOT) / "experiments"}[top]
     for candidate in (base.joinpath(*rest).with_suffix(".py"), base.joinpath(*rest, "__init__.py")):
         if candidate.is_file():
             return candidate
@@ -70,13 +77,16 @@ def _imports(path: Path) -> set[str]:
     return found
 
 
-def decisive_files(chapter: Chapter) -> list[Path]:
-    """The chapter's source, its reference profile, and every project module it reaches."""
-    files = {chapter.source} | {p for p in [chapter.params_file(PROFILE)] if p.is_file()}
-    todo = [chapter.source]
+def decisive_files(chapter: Chapter, root: Path = ROOT) -> list[Path]:
+    """The chapter's source, its reference profile, and every project module it imports (under
+    `root`: another checkout of the project, such as a record's commit)."""
+    source = root / chapter.source.relative_to(ROOT)
+    params = root / chapter.params_file(PROFILE).relative_to(ROOT)
+    files = {source} | {p for p in [params] if p.is_file()}
+    todo = [source]
     while todo:
         for name in _imports(todo.pop()):
-            module = _module_file(name)
+            module = _module_file(name, root)
             if module is not None and module not in files:
                 files.add(module)
                 todo.append(module)
@@ -87,7 +97,21 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def fingerprint(chapter: Chapter, versions: dict[str, str]) -> dict[str, Any]:
+def fingerprint(chapter: Chapter, versions: dict[str, str], root: Path = ROOT) -> dict[str, Any]:
+    """The chapter's own files hashed whole, the library by the definitions they reach."""
+    files = decisive_files(chapter, root)
+    own = [p for p in files if p.relative_to(root).parts[0] != "kdlib"]
+    roots = [("chapter", code_cells((root / chapter.source.relative_to(ROOT)).read_text()))]
+    roots += [(".".join(("experiments", p.stem)), p.read_text()) for p in own if p.suffix == ".py"]
+    return {
+        "scheme": SCHEME,
+        "files": {str(p.relative_to(root)): _sha256(p) for p in own} | reached_digests(roots, root),
+        "versions": {k: versions.get(k) for k in PINNED_VERSIONS},
+    }
+
+
+def _whole_files(chapter: Chapter, versions: dict[str, str]) -> dict[str, Any]:
+    """The fingerprint of records made before the definitions scheme: every decisive file whole."""
     return {
         "files": {str(p.relative_to(ROOT)): _sha256(p) for p in decisive_files(chapter)},
         "versions": {k: versions.get(k) for k in PINNED_VERSIONS},
@@ -97,7 +121,11 @@ def fingerprint(chapter: Chapter, versions: dict[str, str]) -> dict[str, Any]:
 def staleness(chapter: Chapter, record: dict[str, Any], versions: dict[str, str]) -> list[str]:
     """Why the record no longer describes this checkout: one line per changed input; [] if fresh."""
     recorded = record["record"]["fingerprint"]
-    now = fingerprint(chapter, versions)
+    now = (
+        fingerprint(chapter, versions)
+        if recorded.get("scheme") == SCHEME
+        else _whole_files(chapter, versions)
+    )
     reasons = [
         f"`{path}` changed" if path in now["files"] else f"`{path}` is gone"
         for path, digest in recorded["files"].items()

@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from bookrun import records
+from bookrun import reach, records
 from bookrun.chapters import CHAPTERS, ROOT
 from bookrun.params import chapter_config, profile_values
 from experiments import ch1_distilbert_squad, ch2_layer_distillation
@@ -87,6 +87,68 @@ def test_staleness_names_each_changed_input():
         "`kdlib/old_module.py` is gone",
         f"torch 2.0.0 -> {versions()['torch']}",
     ]
+
+
+def test_records_before_the_definitions_scheme_are_judged_file_by_file():
+    chapter, record = CHAPTERS["ch1"], fresh_record()
+    record["record"]["fingerprint"] = records._whole_files(chapter, versions())
+    assert "scheme" not in record["record"]["fingerprint"]
+    assert records.staleness(chapter, record, versions()) == []
+    record["record"]["fingerprint"]["files"]["kdlib/stats.py"] = "0" * 64
+    assert records.staleness(chapter, record, versions()) == ["`kdlib/stats.py` changed"]
+
+
+LIBRARY = {
+    "kdlib/__init__.py": "",
+    "kdlib/a.py": (
+        "from kdlib.c import helper\n\n\n"
+        "def used():\n    return helper() + RATE\n\n\n"
+        "def unused():\n    return 0\n\n\n"
+        "RATE = 2\n"
+    ),
+    "kdlib/b.py": "from kdlib.a import used as reexported\n\nSCALE = 3\nOTHER = 4\n",
+    "kdlib/c.py": "def helper():\n    return 1\n\n\ndef spare():\n    return 5\n",
+    "kdlib/d.py": "def never():\n    return 6\n",
+}
+CHAPTER_CODE = "from kdlib import b\nfrom kdlib.b import reexported\n\nprint(reexported(), b.SCALE)\n"
+
+
+def library(tmp_path, **edits):
+    for name, text in {**LIBRARY, **edits}.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    return reach.reached_digests([("chapter", CHAPTER_CODE)], tmp_path)
+
+
+def test_reach_follows_names_attributes_imports_and_re_exports(tmp_path):
+    library(tmp_path)
+    found, _ = reach.reached([("chapter", CHAPTER_CODE)], tmp_path)
+    assert found == {
+        "kdlib.a": {"used", "RATE"},  # through b's re-export; RATE from used's body
+        "kdlib.b": {"reexported", "SCALE"},  # `b.SCALE`, not OTHER
+        "kdlib.c": {"helper"},  # imported into a, called by used
+    }  # kdlib.d: never imported; kdlib.a.unused, kdlib.c.spare: never named
+
+
+def test_the_digest_moves_with_reached_code_only(tmp_path):
+    base = library(tmp_path)
+    assert set(base) == {"kdlib/a.py", "kdlib/b.py", "kdlib/c.py"}
+    added = library(tmp_path, **{"kdlib/c.py": LIBRARY["kdlib/c.py"] + "\n\ndef new():\n    return 7\n"})
+    assert added == base  # a function another chapter added
+    assert library(tmp_path, **{"kdlib/a.py": LIBRARY["kdlib/a.py"].replace("return 0", "return 9")}) == base
+    moved = library(tmp_path, **{"kdlib/c.py": LIBRARY["kdlib/c.py"].replace("return 1", "return 8")})
+    assert moved != base and {k for k in base if moved[k] != base[k]} == {"kdlib/c.py"}
+    rate = library(tmp_path, **{"kdlib/a.py": LIBRARY["kdlib/a.py"].replace("RATE = 2", "RATE = 5")})
+    assert {k for k in base if rate[k] != base[k]} == {"kdlib/a.py"}
+
+
+def test_code_cells_are_the_python_of_a_myst_notebook():
+    text = (
+        "# Title\n\n```{code-cell} ipython3\n:tags: [parameters]\n\nx = 1\n```\n\nProse with `y = 2`.\n\n"
+        "```{code-cell} ipython3\n---\nmystnb:\n  figure:\n    name: f\n---\n%matplotlib inline\nz = x\n```\n"
+        "```python\nnot_a_cell = 3\n```\n"
+    )
+    assert reach.code_cells(text).split() == ["x", "=", "1", "z", "=", "x"]
 
 
 def test_the_page_note_says_what_the_run_was_and_whether_it_is_stale(tmp_path, monkeypatch):
