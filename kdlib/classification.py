@@ -93,6 +93,17 @@ class AccuracyCurve(TrainerCallback):
             model.train(was_training)
 
 
+def tail_gain(points: list[dict[str, float]], share: float = 0.2) -> float | None:
+    """Accuracy an `AccuracyCurve` gained over the last `share` of its steps: its last point
+    minus the last point at or before (1 - share) of them; None without such a point. A run
+    has reached its plateau when this is small."""
+    if not points:
+        return None
+    end = points[-1]["step"]
+    before = [p for p in points if p["step"] <= (1 - share) * end]
+    return points[-1]["accuracy"] - before[-1]["accuracy"] if before else None
+
+
 def fine_tune(
     model: torch.nn.Module,
     columns: dict[str, list],

@@ -59,11 +59,12 @@ def paired_log_ratio(log_a: Sequence[float], log_b: Sequence[float]) -> dict[str
     }
 
 
-def welch_test(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
-    """mean(a) - mean(b), its standard error, and Welch's two-sided p-value (unequal variances).
+def welch_test(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> dict[str, float]:
+    """mean(a) - mean(b), its standard error, Welch's two-sided p-value (unequal variances) and
+    the `confidence` interval of the difference on Welch's degrees of freedom (`low`, `high`).
 
     For results over a handful of seeds: whether one method's mean differs from another's by
-    more than their seed-to-seed noise explains.
+    more than their seed-to-seed noise explains, and by how much it may.
     """
     from scipy import stats
 
@@ -73,30 +74,49 @@ def welch_test(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
     difference = float(x.mean() - y.mean())
     se = math.sqrt(x.var(ddof=1) / len(x) + y.var(ddof=1) / len(y))
     if se == 0.0:
-        return {"difference": difference, "se": 0.0, "p": 1.0 if difference == 0.0 else 0.0}
-    return {"difference": difference, "se": se, "p": float(stats.ttest_ind(x, y, equal_var=False).pvalue)}
+        p = 1.0 if difference == 0.0 else 0.0
+        return {"difference": difference, "se": 0.0, "p": p, "low": difference, "high": difference}
+    test = stats.ttest_ind(x, y, equal_var=False)
+    low, high = test.confidence_interval(confidence)
+    return {
+        "difference": difference,
+        "se": se,
+        "p": float(test.pvalue),
+        "low": float(low),
+        "high": float(high),
+    }
 
 
 def spread_test(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]) -> dict[str, Any]:
-    """Whether the methods in `a` vary more across seeds than those in `b` (one-sided F-test).
+    """Whether the methods in `a` vary more across seeds than those in `b`: Brown-Forsythe's test.
 
-    Each side is a list of methods' per-seed values; each method is centred on its own mean and
-    the squared deviations pooled, so differences between methods' means do not count as spread.
-    Returns the pooled standard deviations, their ratio and the p-value (None when `b` has no
-    spread at all).
+    Each side is a list of methods' per-seed values. Each value becomes its absolute deviation
+    from its own method's median (so differences between methods' levels do not count as
+    spread), and the two sides' deviations are compared with a one-sided two-sample t-test, which
+    for two groups is Brown-Forsythe's ANOVA. Unlike an F-test on the variances, it keeps its
+    level when a handful of seeds are not normal (one outlying seed). Returns each side's mean
+    deviation and pooled standard deviation, the ratio of the deviations and the p-value (None
+    when neither side varies or `b` does not).
     """
     from scipy import stats
 
-    def pooled(groups: Sequence[Sequence[float]]) -> tuple[float, int]:
-        squares = sum(float(((np.asarray(g) - np.mean(g)) ** 2).sum()) for g in groups)
-        dof = sum(len(g) - 1 for g in groups)
-        if dof < 1:
+    def deviations(groups: Sequence[Sequence[float]]) -> np.ndarray:
+        if not groups or min(len(g) for g in groups) < 2:
             raise ValueError("spread_test needs at least two seeds per method.")
-        return squares / dof, dof
+        return np.concatenate([np.abs(np.asarray(g, dtype=float) - np.median(g)) for g in groups])
 
-    (var_a, dof_a), (var_b, dof_b) = pooled(a), pooled(b)
-    result: dict[str, Any] = {"std_a": math.sqrt(var_a), "std_b": math.sqrt(var_b)}
-    if var_b == 0.0:
+    def pooled_std(groups: Sequence[Sequence[float]]) -> float:
+        squares = sum(float(((np.asarray(g) - np.mean(g)) ** 2).sum()) for g in groups)
+        return math.sqrt(squares / sum(len(g) - 1 for g in groups))
+
+    dev_a, dev_b = deviations(a), deviations(b)
+    result: dict[str, Any] = {
+        "deviation_a": float(dev_a.mean()),
+        "deviation_b": float(dev_b.mean()),
+        "std_a": pooled_std(a),
+        "std_b": pooled_std(b),
+    }
+    if dev_b.mean() == 0.0 or (dev_a.var() == 0.0 and dev_b.var() == 0.0):
         return {**result, "ratio": None, "p": None}
-    ratio = var_a / var_b
-    return {**result, "ratio": math.sqrt(ratio), "p": float(stats.f.sf(ratio, dof_a, dof_b))}
+    p = stats.ttest_ind(dev_a, dev_b, alternative="greater").pvalue
+    return {**result, "ratio": float(dev_a.mean() / dev_b.mean()), "p": float(p)}

@@ -282,6 +282,19 @@ def test_ch4_records_what_replacement_did(ch4_metrics):
     assert steps == sorted(steps) and steps[-1] == 6  # replacing then successor steps, one axis
 
 
+def test_ch4_records_accuracy_curves_on_the_same_axis(ch4_metrics):
+    results = ch4_metrics["results"]
+    assert [p["step"] for p in results["predecessor"]["accuracy_curve"]] == [2, 4]  # curve_every 2 of 4
+    for name, run in results["runs"].items():
+        points = run["accuracy_curve"]
+        assert [p["step"] for p in points] == [2, 4, 6]  # 4 replacing + 2 successor steps, or 6 direct
+        assert points[-1]["accuracy"] == run["accuracy"]  # the final model
+        if "after_replacing" in run:
+            assert points[1]["accuracy"] == run["after_replacing"]  # the successor alone at step 4
+        gain = results["plateau"]["runs"][name]
+        assert gain == pytest.approx(points[-1]["accuracy"] - points[1]["accuracy"])  # 6 vs 4 (<= 4.8)
+
+
 @pytest.fixture(scope="module")
 def ch3_metrics(smoke_book):
     return smoke_metrics(smoke_book, "ch3")

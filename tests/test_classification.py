@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import BertForSequenceClassification
 
-from kdlib.classification import AccuracyCurve, accuracy, fine_tune
+from kdlib.classification import AccuracyCurve, accuracy, fine_tune, tail_gain
 
 from conftest import tiny_bert_config
 
@@ -54,3 +54,10 @@ def test_scoring_during_training_changes_nothing_in_it(tmp_path):
 def test_a_curve_needs_a_positive_interval():
     with pytest.raises(ValueError, match="every >= 1"):
         AccuracyCurve(columns(), 0, every=0)
+
+
+def test_tail_gain_is_what_the_last_fifth_of_the_steps_added():
+    points = [{"step": s, "accuracy": a} for s, a in ((50, 60.0), (100, 70.0), (200, 74.0), (250, 74.5))]
+    assert tail_gain(points) == pytest.approx(0.5)  # 250 minus 200 (= 80% of 250)
+    assert tail_gain(points, share=0.5) == pytest.approx(4.5)  # 250 minus 100 (the last at <= 125)
+    assert tail_gain(points[:1]) is None and tail_gain([]) is None

@@ -45,17 +45,30 @@ def test_welch_test_against_hand_computed_values():
     result = welch_test([1.0, 2.0, 3.0], [2.0, 4.0, 6.0])
     assert result["difference"] == pytest.approx(-2.0)
     assert result["se"] == pytest.approx(math.sqrt(1 / 3 + 4 / 3))  # variances 1 and 4, n = 3
-    # t = -1.549 on Welch's 2.94 degrees of freedom: two-sided p = 0.219 (t-table)
+    # t = -1.549 on Welch's 2.94 degrees of freedom: two-sided p = 0.219 (t-table), and the 95%
+    # interval -2 +- t(0.975; 2.94) * se, with t(0.975; 2.94) = 3.20 by the same table
     assert result["p"] == pytest.approx(0.219, abs=0.005)
-    assert welch_test([5.0, 5.0], [5.0, 5.0]) == {"difference": 0.0, "se": 0.0, "p": 1.0}
+    half = 3.20 * math.sqrt(5 / 3)
+    assert (result["low"], result["high"]) == pytest.approx((-2.0 - half, -2.0 + half), abs=0.05)
+    same = {"difference": 0.0, "se": 0.0, "p": 1.0, "low": 0.0, "high": 0.0}
+    assert welch_test([5.0, 5.0], [5.0, 5.0]) == same
     with pytest.raises(ValueError, match="two values"):
         welch_test([1.0], [1.0, 2.0])
 
 
-def test_spread_test_pools_each_methods_own_deviations():
-    # a: deviations (-1, 1) and (-2, 2) -> pooled variance 10 / 2 = 5; b: variance 1 on 2 dof
-    result = spread_test([[0.0, 2.0], [10.0, 14.0]], [[1.0, 2.0, 3.0]])
-    assert result["std_a"] == pytest.approx(math.sqrt(5)) and result["std_b"] == pytest.approx(1.0)
-    assert result["ratio"] == pytest.approx(math.sqrt(5))
-    assert result["p"] == pytest.approx(1 / 6)  # F(2, 2) survival at 5 is 1 / (1 + 5)
+def test_spread_test_compares_deviations_from_each_methods_median():
+    from scipy import stats
+
+    # a: medians 2 and 12 -> deviations (1, 0, 1) and (2, 0, 2); b: median 5.5 -> (0.5, 0, 0.5)
+    result = spread_test([[1.0, 2.0, 3.0], [10.0, 12.0, 14.0]], [[5.0, 5.5, 6.0]])
+    assert result["deviation_a"] == pytest.approx(1.0) and result["deviation_b"] == pytest.approx(1 / 3)
+    assert result["ratio"] == pytest.approx(3.0)
+    assert result["std_a"] == pytest.approx(math.sqrt((2 + 8) / 4)) and result["std_b"] == pytest.approx(0.5)
+    expected = stats.ttest_ind([1, 0, 1, 2, 0, 2], [0.5, 0, 0.5], alternative="greater").pvalue
+    assert result["p"] == pytest.approx(expected)  # the one-sided t-test on those deviations
     assert spread_test([[1.0, 3.0]], [[2.0, 2.0]])["ratio"] is None  # no spread to compare with
+    # one outlying seed moves a deviation by its distance from the median, a variance by its square
+    calm = spread_test([[80.0, 80.5, 81.0, 80.2, 80.8]], [[70.0, 70.5, 71.0, 70.2, 70.8]])
+    assert calm["p"] > 0.4
+    with pytest.raises(ValueError, match="two seeds"):
+        spread_test([[1.0]], [[1.0, 2.0]])

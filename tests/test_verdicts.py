@@ -267,8 +267,31 @@ def theseus_results(per_method, predecessor=70.5):
 
 
 def ch4_verdicts(per_method, predecessor=70.5):
-    found = ch4.claim_verdicts(theseus_results(per_method, predecessor), 3, [0, 1, 2])
+    seeds = list(range(len(next(iter(per_method.values())))))
+    found = ch4.claim_verdicts(theseus_results(per_method, predecessor), 3, seeds)
     return {v["claim"].split(" ")[0]: v["verdict"] for v in found}
+
+
+def test_ch4_verdicts_when_every_claim_holds():
+    verdicts = ch4_verdicts(
+        {
+            "finetune-first": [60.0, 61.0, 59.0, 60.5, 59.5],
+            "extract-finetune": [60.2, 60.8, 59.4, 60.0, 59.6],  # no better than direct
+            "theseus-constant": [50.0, 60.0, 70.0, 55.0, 65.0],  # binary: seeds far apart
+            "theseus-linear": [52.0, 68.0, 60.0, 58.0, 64.0],
+            "proportional-0.5": [69.8, 70.3, 69.6, 70.1, 69.7],  # tight, 0.6 below, above extraction
+        }
+    )
+    assert verdicts == {"binary": "reproduced", "proportional": "reproduced", "fine-tuning": "reproduced",
+                        "module": "reproduced"}
+    found = ch4.claim_verdicts(theseus_results({
+        "extract-finetune": [60.2, 60.8, 59.4, 60.0, 59.6],
+        "proportional-0.5": [69.8, 70.3, 69.6, 70.1, 69.7]}), 3, list(range(5)))
+    near, needed = found
+    # gap 70.5 - 69.9 = 0.6; sd 0.29 over 5 seeds, se 0.130, t(0.975; 4) = 2.776: 0.6 +- 0.36
+    assert "(95% interval 0.2 to 1.0 over 5 seeds)" in near["evidence"]
+    # 69.9 - 60.0 = 9.9; se sqrt(0.085 / 5 + 0.3 / 5) = 0.278 on Welch's 6.1 df, t = 2.44: +- 0.68
+    assert "95% interval [+9.2, +10.6]" in needed["evidence"]
 
 
 def test_ch4_verdicts_when_no_claim_holds():

@@ -28,7 +28,7 @@ import transformers
 from transformers import TrainerCallback
 
 from bookrun.chapters import PROFILES
-from kdlib.classification import accuracy, encode, fine_tune, load_classifier
+from kdlib.classification import AccuracyCurve, accuracy, encode, fine_tune, load_classifier, tail_gain
 from kdlib.config import ConfigError, check_choice, check_range
 from kdlib.data import load_banking77, load_iflytek
 from kdlib.registry import resolve_model
@@ -91,6 +91,7 @@ class TheseusExperimentConfig:
     learning_rate: float
     batch_size: int
     freeze_embeddings: bool
+    curve_every: int
     train_seeds: list[int]
     seed: int
     output_dir: str
@@ -99,7 +100,13 @@ class TheseusExperimentConfig:
         check_choice("profile", self.profile, PROFILES)
         check_choice("task", self.task, TASKS)
         check_choice("successor_init", self.successor_init, SUCCESSOR_INIT)
-        for name in ("predecessor_steps", "train_examples", "eval_examples", "successor_steps"):
+        for name in (
+            "predecessor_steps",
+            "train_examples",
+            "eval_examples",
+            "successor_steps",
+            "curve_every",
+        ):
             check_range(name, getattr(self, name), low=0)
         for name in ("batch_size", "replacing_steps"):
             check_range(name, getattr(self, name), low=1)
@@ -251,10 +258,15 @@ class TheseusExperiment:
         name: str,
         callbacks: list[TrainerCallback] | None = None,
         trainer_class: type[DistillationTrainer] = DistillationTrainer,
-    ) -> tuple[list[dict[str, Any]], DistillationTrainer | None]:
-        """`steps` AdamW steps on the task labels (warmup 10%, linear decay): (loss curve, trainer)."""
+    ) -> tuple[list[dict[str, Any]], DistillationTrainer | None, list[dict[str, float]]]:
+        """`steps` AdamW steps on the task labels (warmup 10%, linear decay): (loss curve, trainer,
+        evaluation accuracy every `curve_every` steps, [] when 0)."""
         if steps == 0:
-            return [], None
+            return [], None, []
+        tracker = None
+        if self.cfg.curve_every:
+            tracker = AccuracyCurve(self.eval_columns, self.tokenizer.pad_token_id, self.cfg.curve_every)
+            callbacks = [*(callbacks or []), tracker]
         trainer = fine_tune(
             model,
             self.train_columns,
@@ -267,7 +279,8 @@ class TheseusExperiment:
             trainer_class=trainer_class,
             callbacks=callbacks,
         )
-        return [entry for entry in trainer.state.log_history if "loss" in entry], trainer
+        losses = [entry for entry in trainer.state.log_history if "loss" in entry]
+        return losses, trainer, tracker.points if tracker else []
 
     def evaluate(self, model: torch.nn.Module) -> float:
         return accuracy(model, self.eval_columns, self.tokenizer.pad_token_id)
@@ -275,7 +288,7 @@ class TheseusExperiment:
     def fine_tune_predecessor(self) -> float:
         """Fine-tune the whole pretrained model on the task; its accuracy is the ceiling."""
         started = time.perf_counter()
-        curve, _ = self._train(
+        curve, _, points = self._train(
             self.predecessor,
             self.cfg.predecessor_steps,
             self.cfg.predecessor_learning_rate,
@@ -284,16 +297,20 @@ class TheseusExperiment:
         )
         acc = self.evaluate(self.predecessor)
         self.record["results"]["predecessor"] = {"accuracy": acc, "layers": self.depth, "curve": curve}
+        if points:
+            self.record["results"]["predecessor"]["accuracy_curve"] = points
         self.timings["predecessor_s"] = time.perf_counter() - started
         return acc
 
     def _fit_compressed(
         self, model: torch.nn.Module, steps: int, seed: int, name: str
-    ) -> list[dict[str, Any]]:
-        """Fine-tune a compressed model; its embeddings stay frozen if `freeze_embeddings`."""
+    ) -> tuple[list[dict[str, Any]], list[dict[str, float]]]:
+        """Fine-tune a compressed model (its embeddings frozen if `freeze_embeddings`): (loss
+        curve, accuracy curve)."""
         if self.cfg.freeze_embeddings:
             model.base_model.embeddings.requires_grad_(False)
-        return self._train(model, steps, self.cfg.learning_rate, seed, name)[0]
+        curve, _, points = self._train(model, steps, self.cfg.learning_rate, seed, name)
+        return curve, points
 
     def run(self, method: str, layers: int, seed: int) -> dict[str, Any]:
         """Train one compressed model of `layers` layers with `method`; its record."""
@@ -313,12 +330,12 @@ class TheseusExperiment:
             else:
                 source = self.predecessor
             model = first_layers(source, layers)
-            curve = self._fit_compressed(model, cfg.replacing_steps + cfg.successor_steps, seed, tag)
+            curve, points = self._fit_compressed(model, cfg.replacing_steps + cfg.successor_steps, seed, tag)
         else:
             policy = cfg.policies()[method]
             theseus = copy.deepcopy(self.predecessor)
             state = build_theseus(theseus, layers, policy, cfg.successor_init)
-            curve, trainer = self._train(
+            curve, trainer, points = self._train(
                 theseus,
                 cfg.replacing_steps,
                 cfg.learning_rate,
@@ -333,11 +350,14 @@ class TheseusExperiment:
                 entry["replaced_fraction"] = state.replaced_fraction()
             model = extract_successor(theseus)
             del theseus
-            for point in self._fit_compressed(model, cfg.successor_steps, seed, tag + "-successor"):
-                curve.append(dict(point, step=point["step"] + cfg.replacing_steps))
+            alone, alone_points = self._fit_compressed(model, cfg.successor_steps, seed, tag + "-successor")
+            curve += [dict(point, step=point["step"] + cfg.replacing_steps) for point in alone]
+            points += [dict(point, step=point["step"] + cfg.replacing_steps) for point in alone_points]
         entry["accuracy"] = self.evaluate(model)
         entry["seconds"] = round(time.perf_counter() - started, 1)
         entry["curve"] = curve
+        if points:  # during replacing: the successor alone (eval mode), as `after_replacing`
+            entry["accuracy_curve"] = points
         self.record["results"].setdefault("runs", {})[name] = entry
         return entry
 
@@ -355,6 +375,7 @@ class TheseusExperiment:
                     "seeds": list(self.cfg.train_seeds),
                 }
         self.record["results"]["methods"] = table
+        self.record["results"]["plateau"] = plateau(self.record["results"])
         self.record["claims"] = [
             claim_record(
                 f"{v['claim'][0].upper()}{v['claim'][1:]} ({layers} layers)",
@@ -373,10 +394,28 @@ class TheseusExperiment:
         return self.record.write(Path(self.cfg.output_dir) / "metrics.json")
 
 
+def plateau(results: dict[str, Any]) -> dict[str, Any]:
+    """Accuracy each curve gained over its last 20% of steps (`tail_gain`): the predecessor's
+    and every run's, for the runs that recorded one (`curve_every`)."""
+    runs = results.get("runs", {})
+    return {
+        "predecessor": tail_gain(results["predecessor"].get("accuracy_curve", [])),
+        "runs": {
+            name: tail_gain(run["accuracy_curve"]) for name, run in runs.items() if "accuracy_curve" in run
+        },
+    }
+
+
+def _interval(test: dict[str, float]) -> str:
+    return f"95% interval [{test['low']:+.1f}, {test['high']:+.1f}]"
+
+
 def claim_verdicts(results: dict[str, Any], layers: int, seeds: list[int]) -> list[dict[str, Any]]:
     """The blog's claims, each checked against this run's per-seed accuracies at one depth.
 
-    Significance is at the 5% level over seeds: a Welch test for means, an F-test for spread.
+    Significance is at the 5% level over seeds: a Welch test for means (with its 95% interval),
+    Brown-Forsythe's test for spread (`kdlib.stats.spread_test`; an F-test loses its level when
+    one of a handful of seeds is an outlier).
     "Reproduced" for a claim of *no* gain means only that no significant gain was seen. A claim
     whose methods were not run (or that needs two seeds and has one) is left out.
     """
@@ -403,7 +442,7 @@ def claim_verdicts(results: dict[str, Any], layers: int, seeds: list[int]) -> li
 
 
 def binary_less_stable(binary: list[list[float]], proportional: list[list[float]]) -> dict[str, Any]:
-    """The blog: binary replacement varies more across seeds than proportional add (F-test)."""
+    """The blog: binary replacement varies more across seeds than proportional add (Brown-Forsythe)."""
     test = spread_test(binary, proportional)
     ratio, p = test["ratio"], test["p"]
     verdict = (
@@ -417,8 +456,9 @@ def binary_less_stable(binary: list[list[float]], proportional: list[list[float]
     )
     return {
         "claim": "binary random replacement varies more across seeds than proportional add",
-        "evidence": f"seed std {test['std_a']:.2f} (binary) vs {test['std_b']:.2f} (proportional)"
-        + ("" if p is None else f", F-test p = {p:.2f}"),
+        "evidence": f"seed std {test['std_a']:.2f} (binary) vs {test['std_b']:.2f} (proportional); "
+        f"mean deviation from the median {test['deviation_a']:.2f} vs {test['deviation_b']:.2f}"
+        + ("" if p is None else f", Brown-Forsythe p = {p:.2f}"),
         "verdict": verdict,
         "test": test,
     }
@@ -429,9 +469,17 @@ def proportional_near_predecessor(
 ) -> dict[str, Any]:
     """The blog: proportional add ends within about a point of the predecessor."""
     gap = predecessor["accuracy"] - float(np.mean(accuracies))
+    interval = ""
+    if len(accuracies) > 1:
+        from scipy import stats
+
+        se = float(np.std(accuracies, ddof=1) / np.sqrt(len(accuracies)))
+        half = float(stats.t.ppf(0.975, len(accuracies) - 1)) * se
+        interval = f" (95% interval {gap - half:.1f} to {gap + half:.1f} over {len(accuracies)} seeds)"
     return {
         "claim": "proportional add ends 0.5-1 point below the predecessor",
-        "evidence": f"`{method}` is {gap:.1f} points below the {predecessor['layers']}-layer predecessor",
+        "evidence": f"`{method}` is {gap:.1f} points below the {predecessor['layers']}-layer "
+        f"predecessor{interval}",
         "verdict": "reproduced" if gap <= 1.0 else "not reproduced",
     }
 
@@ -443,7 +491,8 @@ def extraction_no_better(extracted: list[float], direct: list[float]) -> dict[st
     return {
         "claim": "fine-tuning layers extracted from the predecessor does not beat fine-tuning the "
         "first layers directly",
-        "evidence": f"extracted minus direct: {test['difference']:+.1f} points (p = {test['p']:.3f})",
+        "evidence": f"extracted minus direct: {test['difference']:+.1f} points, {_interval(test)} "
+        f"(Welch p = {test['p']:.3f})",
         "verdict": "not reproduced" if gained else "reproduced",
         "test": test,
     }
@@ -461,7 +510,8 @@ def replacement_needed(method: str, replaced: list[float], extracted: list[float
     )
     return {
         "claim": "module replacement is needed: it beats fine-tuning the extracted layers",
-        "evidence": f"`{method}` minus extracted: {test['difference']:+.1f} points (p = {test['p']:.3f})",
+        "evidence": f"`{method}` minus extracted: {test['difference']:+.1f} points, {_interval(test)} "
+        f"(Welch p = {test['p']:.3f})",
         "verdict": verdict,
         "test": test,
     }
