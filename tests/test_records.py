@@ -14,12 +14,16 @@ import pytest
 from bookrun import reach, records
 from bookrun.chapters import CHAPTERS, ROOT
 from bookrun.params import chapter_config, profile_values
-from experiments import ch1_distilbert_squad, ch2_layer_distillation
+from experiments import ch1_distilbert_squad, ch2_layer_distillation, ch4_theseus
 from kdlib.config import ConfigError
 from kdlib.report import versions
 
-CHECKS = {"ch1": ch1_distilbert_squad.check_record, "ch2": ch2_layer_distillation.check_record}
-"""Each chapter's own consistency check of its record (chapters 3-4 join with their reference runs)."""
+CHECKS = {
+    "ch1": ch1_distilbert_squad.check_record,
+    "ch2": ch2_layer_distillation.check_record,
+    "ch4": ch4_theseus.check_record,
+}
+"""Each chapter's own consistency check of its record (chapter 3 joins with its reference run)."""
 COMMITTED = [c.key for c in CHAPTERS.values() if records.read_record(c) is not None]
 
 

@@ -311,6 +311,25 @@ def test_ch4_verdicts_when_no_claim_holds():
     }
 
 
+def test_ch4_record_check_accepts_a_consistent_record_and_names_what_moved():
+    per_method = {"extract-finetune": [60.0, 62.0, 58.0], "theseus-constant": [59.0, 62.0, 56.0],
+                  "proportional-0.5": [61.0, 63.0, 59.0]}
+    results = theseus_results(per_method)
+    results["methods"] = {f"{m}/L3": {"mean": float(np.mean(v))} for m, v in per_method.items()}
+    params = {"successor_layers": [3], "methods": ["extract-finetune", "theseus-constant", "proportional"],
+              "proportional_k": [0.5], "train_seeds": [0, 1, 2]}
+    claims = [{"verdict": v["verdict"]} for v in ch4.claim_verdicts(results, 3, [0, 1, 2])]
+    record = {"parameters": params, "results": results, "claims": claims}
+    assert ch4.check_record(record) == []
+    results["runs"]["proportional-0.5/L3/seed2"]["accuracy"] = 90.0  # now it beats extraction
+    assert ch4.check_record(record) == [
+        "the summary of proportional-0.5/L3 is not the mean of its runs",
+        "the claims are not what the runs give",
+    ]
+    del results["runs"]["theseus-constant/L3/seed1"]
+    assert ch4.check_record(record) == ["run theseus-constant/L3/seed1 is missing"]
+
+
 def test_ch4_verdicts_inconclusive_within_the_noise():
     verdicts = ch4_verdicts(
         {

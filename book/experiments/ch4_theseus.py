@@ -155,13 +155,15 @@ class TheseusExperimentConfig:
 
     def method_names(self) -> list[str]:
         """The methods as run and reported, `proportional` expanded per k."""
-        names = []
-        for method in self.methods:
-            if method == "proportional":
-                names += [f"proportional-{k:g}" for k in self.proportional_k]
-            else:
-                names.append(method)
-        return names
+        return method_names(self.methods, self.proportional_k)
+
+
+def method_names(methods: list[str], proportional_k: list[float]) -> list[str]:
+    """`methods` as run and reported: `proportional` expanded into one name per k."""
+    names = []
+    for method in methods:
+        names += [f"proportional-{k:g}" for k in proportional_k] if method == "proportional" else [method]
+    return names
 
 
 def reference_numbers() -> dict[str, Any]:
@@ -392,6 +394,38 @@ class TheseusExperiment:
     def write(self) -> Path:
         self.record["timings"] = {k: round(v, 1) for k, v in self.timings.items()}
         return self.record.write(Path(self.cfg.output_dir) / "metrics.json")
+
+
+def check_record(record: dict[str, Any]) -> list[str]:
+    """What is inconsistent in a chapter 4 record: every run its parameters name must be there,
+    and its method summaries and claims must be what its own per-seed accuracies give."""
+    params, results = record["parameters"], record["results"]
+    cfg_methods = method_names(params["methods"], params["proportional_k"])
+    runs = results["runs"]
+    missing = [
+        f"{m}/L{layers}/seed{seed}"
+        for layers in params["successor_layers"]
+        for m in cfg_methods
+        for seed in params["train_seeds"]
+        if f"{m}/L{layers}/seed{seed}" not in runs
+    ]
+    if missing:
+        return [f"run {name} is missing" for name in missing]
+    problems = []
+    for layers in params["successor_layers"]:
+        for m in cfg_methods:
+            values = [runs[f"{m}/L{layers}/seed{seed}"]["accuracy"] for seed in params["train_seeds"]]
+            row = results["methods"].get(f"{m}/L{layers}")
+            if row is None or not np.isclose(row["mean"], np.mean(values)):
+                problems.append(f"the summary of {m}/L{layers} is not the mean of its runs")
+    verdicts = [
+        v["verdict"]
+        for layers in params["successor_layers"]
+        for v in claim_verdicts(results, layers, params["train_seeds"])
+    ]
+    if verdicts != [c["verdict"] for c in record.get("claims", [])]:
+        problems.append("the claims are not what the runs give")
+    return problems
 
 
 def plateau(results: dict[str, Any]) -> dict[str, Any]:
