@@ -212,26 +212,34 @@ def test_claim_verdicts_follow_the_seed_statistics():
     from experiments.ch4_theseus import claim_verdicts
 
     per_method = {
-        "finetune-first": [50.0, 51.0, 49.0],
-        "extract-finetune": [50.5, 49.5, 50.0],  # no gain over direct fine-tuning
-        "theseus-constant": [40.0, 60.0, 50.0],  # wide spread
-        "proportional-0.5": [70.0, 70.5, 69.5],  # tight, and best
+        "finetune-first": [50.0, 51.0, 49.0, 50.5, 49.5],
+        "extract-finetune": [50.5, 49.5, 50.0, 50.2, 49.8],  # no gain over direct fine-tuning
+        "theseus-constant": [40.0, 60.0, 50.0, 45.0, 55.0],  # wide spread
+        "proportional-0.5": [70.0, 70.5, 69.5, 70.2, 69.8],  # tight, and best
     }
-    runs = {
-        f"{m}/L3/seed{s}": {"method": m, "layers": 3, "accuracy": a}
-        for m, accs in per_method.items()
-        for s, a in enumerate(accs)
-    }
-    results = {"runs": runs, "predecessor": {"accuracy": 70.5, "layers": 6}}
-    verdicts = {v["claim"].split(" ")[0]: v["verdict"] for v in claim_verdicts(results, 3, [0, 1, 2])}
+
+    def results_over(seeds):
+        runs = {
+            f"{m}/L3/seed{s}": {"method": m, "layers": 3, "accuracy": accs[s]}
+            for m, accs in per_method.items()
+            for s in seeds
+        }
+        return {"runs": runs, "predecessor": {"accuracy": 70.5, "layers": 6}}
+
+    seeds = [0, 1, 2, 3, 4]
+    results = results_over(seeds)
+    verdicts = {v["claim"].split(" ")[0]: v["verdict"] for v in claim_verdicts(results, 3, seeds)}
     assert verdicts == {
-        "binary": "reproduced",  # std 10 vs 0.5
+        "binary": "reproduced",  # deviations from the median 6.0 vs 0.28 (Brown-Forsythe p < 0.01)
         "proportional": "reproduced",  # 0.5 points below the predecessor
         "fine-tuning": "reproduced",  # extraction gains nothing significant
         "module": "reproduced",  # proportional beats extraction by 20 points
     }
+    # three seeds: each method's median seed deviates by 0, so Brown-Forsythe cannot tell yet
+    (spread, *_) = claim_verdicts(results_over([0, 1, 2]), 3, [0, 1, 2])
+    assert spread["verdict"] == "inconclusive" and 0.05 < spread["test"]["p"] < 0.1
     results["predecessor"]["accuracy"] = 80.0
-    assert claim_verdicts(results, 3, [0, 1, 2])[1]["verdict"] == "not reproduced"
+    assert claim_verdicts(results, 3, seeds)[1]["verdict"] == "not reproduced"
 
 
 def test_same_seed_gives_the_same_replacement_run(tmp_path):
