@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from bookrun.chapters import CHAPTERS
+from bookrun.params import chapter_config, profile_values
 from experiments import ch2_layer_distillation as ch2
 from kdlib.report import VERDICTS
 
@@ -232,6 +233,18 @@ def test_ch2_records_the_accuracy_curves_it_was_asked_for(ch2_metrics):
     assert teacher[-1]["accuracy"] == results["teacher"]["accuracy"]
     assert results["plateau"]["students"]["kd-only/seed0"] == pytest.approx(
         curves["kd-only/seed0"][1]["accuracy"] - curves["kd-only/seed0"][0]["accuracy"])
+
+
+def test_ch2_teacher_fine_tunes_without_a_curve_as_the_default_profile_asks(shared_data, tmp_path):
+    """The smoke book asks for the teacher's curve; the default profile does not (0), a branch
+    only CI's default build reached until this test."""
+    values = {**profile_values(CHAPTERS["ch2"], "smoke"), "teacher_curve_every": 0}
+    cfg = chapter_config(CHAPTERS["ch2"], **values, profile="smoke", output_dir=str(tmp_path))
+    experiment = ch2.LayerExperiment(cfg)
+    accuracy = experiment.fine_tune_teacher()
+    results = experiment.record["results"]
+    assert "teacher_accuracy_curve" not in results and results["teacher"]["accuracy"] == accuracy
+    assert [h["step"] for h in results["teacher_curve"] if "loss" in h] == [1, 2]  # it did train
 
 
 def test_ch2_warmup_ramps_cofis_layer_weight(ch2_metrics):

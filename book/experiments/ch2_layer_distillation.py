@@ -207,7 +207,11 @@ class LayerExperiment:
         teacher_dev = encode(self.teacher_tokenizer, self.dev, cfg.max_length)
         if cfg.teacher_steps:
             columns = encode(self.teacher_tokenizer, self.teacher_train, cfg.max_length)
-            curve = [AccuracyCurve(teacher_dev, self.teacher_tokenizer.pad_token_id, cfg.teacher_curve_every)]
+            curve = (
+                [AccuracyCurve(teacher_dev, self.teacher_tokenizer.pad_token_id, cfg.teacher_curve_every)]
+                if cfg.teacher_curve_every
+                else []
+            )
             trainer = fine_tune(
                 self.teacher,
                 columns,
@@ -217,7 +221,7 @@ class LayerExperiment:
                 batch_size=cfg.teacher_batch_size,
                 learning_rate=cfg.teacher_learning_rate,
                 seed=cfg.seed,
-                callbacks=curve if cfg.teacher_curve_every else None,
+                callbacks=curve or None,
             )
             self.record["results"]["teacher_curve"] = trainer.state.log_history
             if cfg.teacher_curve_every:
