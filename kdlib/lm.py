@@ -29,6 +29,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -327,7 +328,7 @@ def topk_forward_kl(
 @torch.no_grad()
 def perplexity(
     model: torch.nn.Module, rows: list[list[int]], batch_size: int = 8, bf16: bool = False
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Perplexity of `model` on token rows: exp of the mean next-token NLL over every predicted token.
 
     Rows are scored independently (no context carried across rows), padded per batch with the
@@ -335,20 +336,30 @@ def perplexity(
     next-token distribution (a model more uncertain than it needs to be has entropy above its
     NLL's share of it) and how many tokens were predicted. `bf16` runs the forward pass under
     bfloat16 autocast; the log-softmax is always float32.
+
+    Each row's mean NLL (`row_nll`, in the rows' order) lets two models be compared row by row
+    (`kdlib.stats.paired_log_ratio`), and gives the perplexity a 95% interval over rows
+    (`perplexity_low`, `perplexity_high`: exp of the token-weighted mean NLL plus or minus 1.96
+    standard errors of the per-row means; for rows of equal length, such as packed blocks, the
+    two means are the same).
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total, entropy, count = 0.0, 0.0, 0
+    row_nll: list[float | None] = [None] * len(rows)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     columns = {"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]}
-    for _, batch in inference_batches(model, columns, 0, batch_size):
+    for order, batch in inference_batches(model, columns, 0, batch_size):
         ids, mask = batch["input_ids"], batch["attention_mask"]
         with autocast:
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
         log_q = F.log_softmax(logits.float(), dim=-1)
         keep = mask[:, 1:].bool()
         nll = -log_q.gather(-1, ids[:, 1:, None]).squeeze(-1)
+        per_row = (nll * keep).sum(-1) / keep.sum(-1).clamp(min=1)
+        for i, value, predicted in zip(order, per_row.tolist(), keep.any(-1).tolist()):
+            row_nll[int(i)] = value if predicted else None
         total += float(nll[keep].sum())
         entropy += float(-(log_q.exp() * log_q).sum(-1)[keep].sum())
         count += int(keep.sum())
@@ -356,4 +367,14 @@ def perplexity(
     if count == 0:
         raise ValueError("no row has two tokens or more: nothing to score.")
     mean = total / count
-    return {"perplexity": math.exp(mean), "nll": mean, "entropy": entropy / count, "tokens": count}
+    scored = np.asarray([v for v in row_nll if v is not None])
+    half = 1.96 * float(scored.std(ddof=1) / math.sqrt(scored.size)) if scored.size > 1 else 0.0
+    return {
+        "perplexity": math.exp(mean),
+        "perplexity_low": math.exp(mean - half),
+        "perplexity_high": math.exp(mean + half),
+        "nll": mean,
+        "entropy": entropy / count,
+        "tokens": count,
+        "row_nll": row_nll,
+    }

@@ -5,6 +5,11 @@
   padding costs compute;
 - `pack`: the documents joined (each followed by EOS) and cut into rows of exactly
   `block_size` tokens: no padding and no text thrown away, but rows start mid-document.
+
+The local corpora (`LM_FILES`) are read from the data mirror: WikiText-2's test and validation
+splits (articles), tiny-shakespeare (speeches) and 125 Project Gutenberg books (paragraphs, the
+Gutenberg header and licence footer stripped): text apart from WikiText for training a model
+that is later evaluated on WikiText.
 """
 
 from __future__ import annotations
@@ -15,8 +20,18 @@ from collections.abc import Sequence
 
 from kdlib.data import DataError, resolve_data_dir
 
-LM_FILES = {"wikitext2-test": "lm/wiki.test.raw", "tinyshakespeare": "lm/tinyshakespeare.txt"}
+LM_FILES = {
+    "wikitext2-test": "lm/wiki.test.raw",
+    "wikitext2-valid": "lm/wiki.valid.raw",
+    "tinyshakespeare": "lm/tinyshakespeare.txt",
+    "gutenberg": "lm/gutenberg",
+}
+"""Local corpus name -> its path in the data mirror (`gutenberg` is a folder of books)."""
 _WIKI_TITLE = re.compile(r"^ = [^=].* = $")
+_GUTENBERG_START = re.compile(r"^\*\*\* ?START OF .*$", re.M)
+_GUTENBERG_END = re.compile(r"^\*\*\* ?END OF .*$", re.M)
+_GUTENBERG_NOTE = re.compile(r"^(End of (the )?Project Gutenberg|Produced by )", re.I)
+"""Transcribers' lines that sit inside the markers: the credit and the closing line."""
 
 
 def wikitext_articles(text: str) -> list[str]:
@@ -34,8 +49,26 @@ def paragraphs(text: str) -> list[str]:
     return [block.strip() for block in re.split(r"\n\s*\n", text) if block.strip()]
 
 
+def gutenberg_body(text: str, name: str = "book") -> str:
+    """A Project Gutenberg file's text between its `*** START OF` and `*** END OF` lines (the
+    header and the licence are not the book), without the transcriber's credit and closing
+    line; line ends normalised to `\\n`."""
+    text = text.replace("\r\n", "\n")
+    start, end = _GUTENBERG_START.search(text), _GUTENBERG_END.search(text)
+    if start is None or end is None or end.start() < start.end():
+        raise DataError(f"{name}: no '*** START OF' ... '*** END OF' lines around the book's text.")
+    blocks = re.split(r"(\n\s*\n)", text[start.end() : end.start()])
+    return "".join(b for b in blocks if not _GUTENBERG_NOTE.match(b.strip())).strip()
+
+
+def prose_paragraphs(text: str) -> list[str]:
+    """Blank-line separated paragraphs with their hard line wraps joined by spaces."""
+    return [" ".join(block.split()) for block in re.split(r"\n\s*\n", text) if block.strip()]
+
+
 def load_lm_documents(corpus: str, data_dir: str | os.PathLike | None = None) -> list[str]:
-    """The documents of a local raw-text corpus: `wikitext2-test` articles or `tinyshakespeare` speeches."""
+    """The documents of a local raw-text corpus: WikiText articles, `tinyshakespeare` speeches,
+    or the paragraphs of every `gutenberg` book (books in file-name order)."""
     if corpus not in LM_FILES:
         raise DataError(f"corpus={corpus!r}: the local text corpora are {sorted(LM_FILES)}.")
     root = resolve_data_dir(data_dir)
@@ -44,6 +77,12 @@ def load_lm_documents(corpus: str, data_dir: str | os.PathLike | None = None) ->
             f"corpus {corpus!r} is read from the data mirror: set KDLIB_DATA_DIR (or data_dir) to it."
         )
     path = root / LM_FILES[corpus]
+    if corpus == "gutenberg":
+        books = sorted(path.glob("*.txt")) if path.is_dir() else []
+        if not books:
+            raise DataError(f"{path} holds no books: the data directory lacks {LM_FILES[corpus]}/*.txt.")
+        bodies = [gutenberg_body(book.read_text("utf-8"), book.name) for book in books]
+        return [paragraph for body in bodies for paragraph in prose_paragraphs(body)]
     if not path.is_file():
         raise DataError(f"{path} does not exist: the data directory lacks {LM_FILES[corpus]}.")
     text = path.read_text(encoding="utf-8")

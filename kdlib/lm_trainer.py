@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState
 
 from kdlib.config import ConfigError, check_choice, check_range
-from kdlib.lm import DIVERGENCES, lm_distillation_loss, token_divergence
+from kdlib.lm import DIVERGENCES, lm_distillation_loss, perplexity, token_divergence
 from kdlib.trainer import DistillationArguments, DistillationTrainer, forward_inputs
 
 TOPK_FIELDS = ("teacher_topk_indices", "teacher_topk_logprobs")
@@ -103,3 +104,60 @@ class LMDistillationTrainer(DistillationTrainer):
                 terms["task"] = values["clm"]
             self._record(**terms, total=loss)
         return (loss, outputs) if return_outputs else loss
+
+
+class PerplexityCurve(TrainerCallback):
+    """A learning curve in held-out perplexity: `rows` scored (`kdlib.lm.perplexity`) before the
+    first step, every `every` optimiser steps and after the last, appended to `points` as
+    `{"step", "perplexity"}`.
+
+    Whether a language model has converged is read from such a curve (how much its last steps
+    lower the perplexity); scoring leaves the training itself unchanged (no random numbers are
+    drawn, and the model is put back in training mode).
+    """
+
+    def __init__(self, rows: list[list[int]], every: int, batch_size: int = 8, bf16: bool = False) -> None:
+        if every < 1:
+            raise ValueError(f"PerplexityCurve needs every >= 1 step, got {every}.")
+        self.rows, self.every, self.batch_size, self.bf16 = rows, every, batch_size, bf16
+        self.points: list[dict[str, float]] = []
+
+    def _score(self, step: int, model: torch.nn.Module | None) -> None:
+        if model is None:
+            raise ValueError("PerplexityCurve needs the Trainer to pass the model to its callbacks.")
+        score = perplexity(model, self.rows, self.batch_size, self.bf16)
+        self.points.append({"step": step, "perplexity": score["perplexity"]})
+
+    def on_train_begin(
+        self,
+        args: Any,
+        state: TrainerState,
+        control: TrainerControl,
+        model: torch.nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._score(state.global_step, model)
+
+    def on_step_end(
+        self,
+        args: Any,
+        state: TrainerState,
+        control: TrainerControl,
+        model: torch.nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            self._score(state.global_step, model)
+
+
+def relative_tail_drop(points: list[dict[str, float]], share: float = 0.2) -> float | None:
+    """How much a `PerplexityCurve` fell over the last `share` of its steps, as a fraction of
+    its value at (1 - share) of them (the last point at or before it): 0.02 is 2%. None without
+    such a point. A model has converged, for this purpose, when it is small."""
+    if not points:
+        return None
+    end = points[-1]["step"]
+    before = [p for p in points if p["step"] <= (1 - share) * end]
+    if not before or end == 0:
+        return None
+    return 1.0 - points[-1]["perplexity"] / before[-1]["perplexity"]

@@ -12,6 +12,7 @@ import torch
 from bookrun.chapters import CHAPTERS
 from bookrun.params import chapter_config, profile_values
 from experiments import ch2_layer_distillation as ch2
+from experiments import ch3_distilpythia as ch3
 from kdlib.report import VERDICTS
 
 pytestmark = pytest.mark.slow  # real models, the smoke book or subprocesses
@@ -343,6 +344,29 @@ def test_ch3_measures_the_top_k_cache_and_checks_the_card(ch3_metrics):
     assert ch3_metrics["results"]["warm_start"]["candidates"]["28"]["layers"] == 28
     claims = {c["claim"]: c for c in ch3_metrics["claims"]}
     assert len(claims) == 3 and all(c["verdict"] in VERDICTS for c in claims.values())
+    assert ch3.check_record(ch3_metrics) == []
+
+
+def test_ch3_heals_the_base_on_other_text_and_records_its_curve(ch3_metrics):
+    heal = ch3_metrics["results"]["heal"]
+    assert [p["step"] for p in heal["curve"]] == [0, 1, 2]  # before, then heal_curve_every 1 of 2 steps
+    base = ch3_metrics["results"]["models"]["student-base"]["heldout"]
+    assert heal["curve"][-1]["perplexity"] == pytest.approx(base["perplexity"], rel=1e-5)  # the healed base
+    steps = heal["curve"]
+    assert heal["tail_drop"] == pytest.approx(1 - steps[2]["perplexity"] / steps[1]["perplexity"])
+    assert ch3_metrics["data"]["heal"]["corpus"] == ["wikitext2-valid"]  # apart from wikitext2-test
+    assert ch3_metrics["data"]["heal"]["rows_seen"] == 2 * 2
+    assert base["perplexity_low"] < base["perplexity"] < base["perplexity_high"]
+    assert len(base["row_nll"]) == 4  # one per held-out block
+
+
+def test_ch3_record_check_catches_a_claim_that_its_models_do_not_give(ch3_metrics):
+    tampered = json.loads(json.dumps(ch3_metrics))
+    claim = tampered["claims"][0]
+    claim["verdict"] = "not reproduced" if claim["verdict"] == "reproduced" else "reproduced"
+    assert ch3.check_record(tampered) == ["the claims are not what the models give"]
+    del tampered["results"]["models"]["kd-packed"]
+    assert ch3.check_record(tampered) == ["model kd-packed was not scored"]
 
 
 def test_ch1_student_is_its_encoders_chosen_layers_with_a_new_head():

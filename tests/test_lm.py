@@ -9,7 +9,14 @@ import kdlib.lm
 from kdlib.config import ConfigError
 from kdlib.data import DataError
 from kdlib.lm import lm_distillation_loss, token_divergence, topk_forward_kl, topk_teacher
-from kdlib.lm_data import load_lm_documents, pack, pad_truncate, wikitext_articles
+from kdlib.lm_data import (
+    gutenberg_body,
+    load_lm_documents,
+    pack,
+    pad_truncate,
+    prose_paragraphs,
+    wikitext_articles,
+)
 
 P = [0.7, 0.2, 0.1]  # teacher
 Q = [0.2, 0.5, 0.3]  # student
@@ -219,6 +226,29 @@ def test_padding_keeps_document_starts_and_packing_keeps_every_token():
     assert pack(docs, block_size=5, eos_token_id=0) == [[1, 2, 3, 4, 5], [0, 6, 0, 7, 8]]  # remainder dropped
 
 
+GUTENBERG_FILE = (
+    "The Project Gutenberg EBook of Emma, by Jane Austen\r\n\r\nLicence words.\r\n\r\n"
+    "*** START OF THIS PROJECT GUTENBERG EBOOK EMMA ***\r\n\r\nProduced by A Volunteer\r\n\r\n"
+    "EMMA\r\n\r\nEmma Woodhouse, handsome, clever,\r\nand rich.\r\n\r\n"
+    "End of the Project Gutenberg EBook of Emma, by Jane Austen\r\n\r\n"
+    "*** END OF THIS PROJECT GUTENBERG EBOOK EMMA ***\r\n\r\nMore licence.\r\n"
+)
+
+
+def test_a_gutenberg_book_is_its_text_between_the_markers_in_unwrapped_paragraphs(tmp_path):
+    body = gutenberg_body(GUTENBERG_FILE)
+    assert body == "EMMA\n\nEmma Woodhouse, handsome, clever,\nand rich."  # no header, credit, licence
+    assert prose_paragraphs(body) == ["EMMA", "Emma Woodhouse, handsome, clever, and rich."]
+    books = tmp_path / "lm" / "gutenberg"
+    books.mkdir(parents=True)
+    (books / "Austen__Emma.txt").write_bytes(GUTENBERG_FILE.encode())
+    (books / "Austen__Emma2.txt").write_bytes(GUTENBERG_FILE.replace("rich", "poor").encode())
+    assert load_lm_documents("gutenberg", tmp_path)[-1] == "Emma Woodhouse, handsome, clever, and poor."
+    (books / "Broken.txt").write_text("no markers here")
+    with pytest.raises(DataError, match="Broken.txt: no '\\*\\*\\* START OF'"):
+        load_lm_documents("gutenberg", tmp_path)
+
+
 def test_lm_data_bad_inputs_are_named(tmp_path):
     with pytest.raises(DataError, match="block_size"):
         pack([[1, 2]], block_size=1, eos_token_id=0)
@@ -230,3 +260,5 @@ def test_lm_data_bad_inputs_are_named(tmp_path):
         load_lm_documents("pile", tmp_path)
     with pytest.raises(DataError, match="lacks lm/wiki.test.raw"):
         load_lm_documents("wikitext2-test", tmp_path)
+    with pytest.raises(DataError, match="lacks lm/gutenberg/"):
+        load_lm_documents("gutenberg", tmp_path)

@@ -110,6 +110,27 @@ def test_perplexity_is_exp_of_the_mean_token_nll_and_ignores_padding():
     assert result["nll"] == pytest.approx(sum(nlls) / 7, rel=1e-5)
     assert result["perplexity"] == pytest.approx(torch.tensor(sum(nlls) / 7).exp().item(), rel=1e-5)
     assert perplexity(model, ROWS, batch_size=1)["nll"] == pytest.approx(result["nll"], rel=1e-5)
+    # each row's own mean NLL, in the rows' order, though batches run shortest rows first
+    starts = [0]
+    for row in ROWS:
+        starts.append(starts[-1] + len(row) - 1)
+    by_row = [sum(nlls[a:b]) / (b - a) for a, b in zip(starts, starts[1:])]
+    assert result["row_nll"] == pytest.approx(by_row, rel=1e-5)
+
+
+def test_perplexity_interval_is_over_rows_and_narrows_with_more_of_them():
+    from kdlib.lm import perplexity
+
+    model = llama(1, seed=3).eval()
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, 40, (32, 6), generator=g).tolist()
+    few, many = perplexity(model, rows[:4]), perplexity(model, rows)
+    for result in (few, many):
+        nll = torch.tensor(result["row_nll"], dtype=torch.float64)
+        half = 1.96 * nll.std() / len(nll) ** 0.5  # rows of equal length: the row mean is the token mean
+        assert result["perplexity_low"] == pytest.approx(float((nll.mean() - half).exp()), rel=1e-6)
+        assert result["perplexity_low"] < result["perplexity"] < result["perplexity_high"]
+    assert many["perplexity_high"] / many["perplexity_low"] < few["perplexity_high"] / few["perplexity_low"]
 
 
 def test_same_seed_gives_the_same_lm_distillation_run(tmp_path):

@@ -14,16 +14,17 @@ import pytest
 from bookrun import reach, records
 from bookrun.chapters import CHAPTERS, ROOT
 from bookrun.params import chapter_config, profile_values
-from experiments import ch1_distilbert_squad, ch2_layer_distillation, ch4_theseus
+from experiments import ch1_distilbert_squad, ch2_layer_distillation, ch3_distilpythia, ch4_theseus
 from kdlib.config import ConfigError
 from kdlib.report import versions
 
 CHECKS = {
     "ch1": ch1_distilbert_squad.check_record,
     "ch2": ch2_layer_distillation.check_record,
+    "ch3": ch3_distilpythia.check_record,
     "ch4": ch4_theseus.check_record,
 }
-"""Each chapter's own consistency check of its record (chapter 3 joins with its reference run)."""
+"""Each chapter's own consistency check of its record."""
 COMMITTED = [c.key for c in CHAPTERS.values() if records.read_record(c) is not None]
 
 

@@ -12,6 +12,12 @@ named run trains a copy of the same warm-started student for the same number of 
 
 Every model (the student base, the teacher, each run) is scored on held-out text (perplexity
 and the entropy of its predictions) and on the zero-shot tasks.
+
+A student cut from the teacher's layers is a damaged model that any training repairs, while
+distilpythia's base had converged on its own. `heal()` closes that gap when `heal_steps` > 0:
+the cut student is trained with the next-token loss alone on text kept apart from the
+distillation and held-out text (`heal_corpus`) until its held-out perplexity flattens, and the
+healed weights are cached by fingerprint, so that reruns start from the same base.
 """
 
 from __future__ import annotations
@@ -30,15 +36,21 @@ from transformers import AutoModelForCausalLM
 
 from bookrun.chapters import PROFILES
 from kdlib.batching import FeatureDataset, PadCollator
-from kdlib.cache import TeacherOutputCache
+from kdlib.cache import TeacherOutputCache, cache_key, model_fingerprint, sequences_fingerprint
 from kdlib.config import ConfigError, check_choice, check_range
 from kdlib.data import DataError
 from kdlib.hub import require_hub
 from kdlib.lm import DIVERGENCES, perplexity, token_divergence, topk_forward_kl, topk_teacher
 from kdlib.lm_cache import bf16_autocast, cached_topk
 from kdlib.lm_data import LM_FILES, load_lm_documents, pack, pad_truncate
-from kdlib.lm_trainer import TOPK_FIELDS, LMDistillationArguments, LMDistillationTrainer
-from kdlib.registry import load_pretrained, quiet_transformers
+from kdlib.lm_trainer import (
+    TOPK_FIELDS,
+    LMDistillationArguments,
+    LMDistillationTrainer,
+    PerplexityCurve,
+    relative_tail_drop,
+)
+from kdlib.registry import cache_dir, load_pretrained, quiet_transformers
 from kdlib.report import RunRecord, claim_record
 from kdlib.stack import keep_layers, layer_stack, middle_block
 from kdlib.stats import paired_log_ratio
@@ -77,6 +89,11 @@ class LMExperimentConfig:
     student: str
     student_layers: int
     warm_start_candidates: list[int]
+    heal_corpus: list[str]
+    heal_steps: int
+    heal_batch_size: int
+    heal_learning_rate: float
+    heal_curve_every: int
     corpus: list[str]
     heldout_articles: int
     heldout_blocks: int
@@ -113,8 +130,18 @@ class LMExperimentConfig:
             "heldout_blocks",
         ):
             check_range(name, getattr(self, name), low=1)
-        for name in ("heldout_articles", "zero_shot_examples", "lambada_examples"):
+        for name in (
+            "heldout_articles",
+            "zero_shot_examples",
+            "lambada_examples",
+            "heal_steps",
+            "heal_curve_every",
+        ):
             check_range(name, getattr(self, name), low=0)
+        check_range("heal_batch_size", self.heal_batch_size, low=1)
+        check_range("heal_learning_rate", self.heal_learning_rate, low=0.0, high=1.0, low_inclusive=False)
+        if self.heal_steps:
+            self.check_heal_corpus()
         check_range("max_length", self.max_length, low=8, high=8192)
         check_range("learning_rate", self.learning_rate, low=0.0, high=1.0, low_inclusive=False)
         check_range("alpha_clm", self.alpha_clm, low=0.0, high=1.0)
@@ -144,6 +171,22 @@ class LMExperimentConfig:
         if not self.student:
             for n in [self.student_layers, *self.warm_start_candidates]:
                 check_range("student_layers / warm_start_candidates", n, low=1)
+
+    def check_heal_corpus(self) -> None:
+        """Healing text must be local and apart from the distillation and held-out text."""
+        if not self.heal_corpus:
+            raise ConfigError(
+                f"heal_steps = {self.heal_steps} with an empty heal_corpus: name local corpora "
+                f"({', '.join(LM_FILES)}) apart from corpus, or set heal_steps = 0."
+            )
+        for name in self.heal_corpus:
+            check_choice("heal_corpus[i]", name, LM_FILES)
+        shared = sorted(set(self.heal_corpus) & set(self.corpus))
+        if shared:
+            raise ConfigError(
+                f"heal_corpus and corpus share {shared}: the student base would be healed on the text it "
+                "is then distilled and evaluated on. Heal on other text (e.g. gutenberg, wikitext2-valid)."
+            )
 
     def temperature_of(self, run: str) -> float:
         return RUNS[run].temperature or self.temperature
@@ -335,6 +378,107 @@ class LMExperiment:
         self.timings["warm_start_s"] = time.perf_counter() - started
         return student
 
+    def _heal_rows(self) -> list[list[int]]:
+        """heal_steps x heal_batch_size packed rows of the healing text, one seeded draw."""
+        cfg = self.cfg
+        docs = [doc for corpus in cfg.heal_corpus for doc in load_lm_documents(corpus, cfg.data_dir or None)]
+        rows = pack(self._tokens(docs), cfg.max_length, self.eos)
+        wanted = cfg.heal_steps * cfg.heal_batch_size
+        if len(rows) < wanted:
+            raise DataError(
+                f"heal_corpus {cfg.heal_corpus} makes {len(rows)} rows of {cfg.max_length} tokens; "
+                f"heal_steps x heal_batch_size = {wanted}: name more text or take fewer steps."
+            )
+        order = np.random.default_rng(cfg.seed).permutation(len(rows))[:wanted]
+        self.record["data"]["heal"] = {
+            "corpus": cfg.heal_corpus,
+            "documents": len(docs),
+            "rows_available": len(rows),
+            "rows_seen": wanted,
+            "tokens_seen": wanted * cfg.max_length,
+        }
+        return [rows[i] for i in order]
+
+    def heal(self) -> torch.nn.Module:
+        """The student base trained with the next-token loss alone on `heal_corpus` (cosine
+        schedule, 5% warm-up), its held-out perplexity every `heal_curve_every` steps; loaded
+        from the cache when the same base, rows and settings were healed before."""
+        cfg = self.cfg
+        if self.student_base is None:
+            raise RuntimeError("call warm_start() before heal().")
+        if not cfg.heal_steps:
+            return self.student_base
+        started = time.perf_counter()
+        rows = self._heal_rows()
+        settings = [
+            "heal_steps", "heal_batch_size", "heal_learning_rate", "heal_curve_every", "freeze_embeddings",
+            "bf16", "seed",
+        ]  # fmt: skip
+        key = cache_key(
+            student=model_fingerprint(self.student_base),
+            rows=sequences_fingerprint(rows),
+            heldout=sequences_fingerprint(self.heldout),
+            versions=[torch.__version__, transformers.__version__],
+            **{name: getattr(cfg, name) for name in settings},
+        )
+        store = TeacherOutputCache(cache_dir() / "healed-students")
+        healed = copy.deepcopy(self.student_base)
+        found = store.load(key)
+        cache_hit = found is not None
+        if found is None:
+            found = self._heal_training(healed, rows)
+            found["train_seconds"] = np.array([time.perf_counter() - started])
+            store.store(key, found)
+        else:
+            weights = {k.removeprefix("weight."): v for k, v in found.items() if k.startswith("weight.")}
+            healed.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
+        points = [
+            {"step": int(step), "perplexity": float(ppl)}
+            for step, ppl in zip(found["curve_step"], found["curve_perplexity"])
+        ]
+        self.record["results"]["heal"] = {
+            "steps": cfg.heal_steps,
+            "curve": points,
+            "loss": [{"step": int(a), "loss": float(b)} for a, b in zip(found["loss_step"], found["loss"])],
+            "tail_drop": relative_tail_drop(points),
+            "train_seconds": round(float(found["train_seconds"][0]), 1),
+            "cache_hit": cache_hit,
+            "cache_key": key,
+        }
+        healed.eval().requires_grad_(False)
+        self.student_base = healed
+        self.timings["heal_s"] = time.perf_counter() - started
+        return healed
+
+    def _heal_training(self, model: torch.nn.Module, rows: list[list[int]]) -> dict[str, np.ndarray]:
+        """Train `model` in place on `rows` (next-token loss alone); its weights and curves as arrays."""
+        cfg = self.cfg
+        curve = PerplexityCurve(self.heldout, cfg.heal_curve_every or cfg.heal_steps, bf16=cfg.bf16)
+        model.requires_grad_(True)
+        if cfg.freeze_embeddings:
+            model.get_input_embeddings().requires_grad_(False)
+        trainer = self._trainer(
+            model,
+            _lm_dataset(rows),
+            "heal",
+            steps=cfg.heal_steps,
+            batch_size=cfg.heal_batch_size,
+            gradient_accumulation_steps=1,
+            learning_rate=cfg.heal_learning_rate,
+            lr_scheduler_type="cosine",
+            warmup_steps=0.05,
+            callbacks=[curve],
+        )
+        trainer.train()
+        losses = [entry for entry in trainer.state.log_history if "loss" in entry]
+        arrays = {f"weight.{k}": v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+        return arrays | {
+            "curve_step": np.array([p["step"] for p in curve.points], dtype=np.int64),
+            "curve_perplexity": np.array([p["perplexity"] for p in curve.points]),
+            "loss_step": np.array([entry["step"] for entry in losses], dtype=np.int64),
+            "loss": np.array([entry["loss"] for entry in losses]),
+        }
+
     def evaluate(self, name: str, model: torch.nn.Module) -> dict[str, Any]:
         """Held-out perplexity and entropy, and the zero-shot scores, recorded under `name`."""
         cfg = self.cfg
@@ -407,7 +551,6 @@ class LMExperiment:
     def _dataset(self, run: str) -> tuple[FeatureDataset, dict[str, Any]]:
         spec = RUNS[run]
         rows = self.rows[spec.data]
-        columns = {"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows], "labels": rows}
         info: dict[str, Any] = {}
         extra = None
         if spec.topk:
@@ -426,7 +569,55 @@ class LMExperiment:
                 "cache_seconds": round(time.perf_counter() - started, 1),
                 "cache_mb": (arrays["indices"].values.nbytes + arrays["logprobs"].values.nbytes) / 2**20,
             }
-        return FeatureDataset(columns, extra), info
+        return _lm_dataset(rows, extra), info
+
+    def _trainer(
+        self,
+        student: torch.nn.Module,
+        dataset: FeatureDataset,
+        name: str,
+        *,
+        steps: int,
+        batch_size: int,
+        gradient_accumulation_steps: int,
+        learning_rate: float,
+        lr_scheduler_type: str,
+        warmup_steps: float = 0.0,
+        alpha_ce: float = 0.0,
+        alpha_task: float = 1.0,
+        temperature: float = 1.0,
+        teacher: torch.nn.Module | None = None,
+        callbacks: list[Any] | None = None,
+    ) -> LMDistillationTrainer:
+        """A trainer for `student` (`alpha_ce` = 0: the next-token loss alone, no teacher)."""
+        cfg = self.cfg
+        transformers.set_seed(cfg.seed)
+        args = quiet_arguments(
+            LMDistillationArguments,
+            output_dir=str(Path(cfg.output_dir) / "runs" / name),
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            learning_rate=learning_rate,
+            lr_scheduler_type=lr_scheduler_type,
+            warmup_steps=warmup_steps,
+            max_steps=steps,
+            logging_steps=max(1, steps // 15),
+            seed=cfg.seed,
+            bf16=cfg.bf16,
+            alpha_ce=alpha_ce,
+            alpha_task=alpha_task,
+            temperature=temperature,
+            divergence=cfg.divergence,
+            use_cpu=not torch.cuda.is_available(),
+        )
+        return LMDistillationTrainer(
+            model=student,
+            args=args,
+            train_dataset=dataset,
+            data_collator=PadCollator(self.pad, {"labels": -100, "attention_mask": 0}),
+            teacher_model=teacher,
+            callbacks=callbacks,
+        )
 
     def train(self, run: str) -> dict[str, Any]:
         """Train a copy of the student base as `run` describes; its curve, timings and scores."""
@@ -436,33 +627,22 @@ class LMExperiment:
             raise RuntimeError("call warm_start() before train().")
         started = time.perf_counter()
         dataset, info = self._dataset(run)
-        transformers.set_seed(cfg.seed)
         student = copy.deepcopy(self.student_base).requires_grad_(True)
         if cfg.freeze_embeddings:
             student.get_input_embeddings().requires_grad_(False)
-        args = quiet_arguments(
-            LMDistillationArguments,
-            output_dir=str(Path(cfg.output_dir) / "runs" / run),
-            per_device_train_batch_size=cfg.batch_size,
+        trainer = self._trainer(
+            student,
+            dataset,
+            run,
+            steps=cfg.steps,
+            batch_size=cfg.batch_size,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
             learning_rate=cfg.learning_rate,
             lr_scheduler_type=cfg.lr_scheduler,
-            max_steps=cfg.steps,
-            logging_steps=max(1, cfg.steps // 15),
-            seed=cfg.seed,
-            bf16=cfg.bf16,
             alpha_ce=(1.0 - cfg.alpha_clm) if spec.distil else 0.0,
             alpha_task=cfg.alpha_clm if spec.distil else 1.0,
             temperature=cfg.temperature_of(run),
-            divergence=cfg.divergence,
-            use_cpu=not torch.cuda.is_available(),
-        )
-        trainer = LMDistillationTrainer(
-            model=student,
-            args=args,
-            train_dataset=dataset,
-            data_collator=PadCollator(self.pad, {"labels": -100, "attention_mask": 0}),
-            teacher_model=self.teacher if spec.distil and not spec.topk else None,
+            teacher=self.teacher if spec.distil and not spec.topk else None,
         )
         trainer.train()
         train_seconds = time.perf_counter() - started
@@ -495,6 +675,12 @@ class LMExperiment:
         return self.record.write(Path(self.cfg.output_dir) / "metrics.json")
 
 
+def _lm_dataset(rows: list[list[int]], extra: dict[str, Any] | None = None) -> FeatureDataset:
+    """Token rows as a causal-LM dataset: the labels are the inputs (the loss shifts them)."""
+    columns = {"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows], "labels": rows}
+    return FeatureDataset(columns, extra)
+
+
 def _task(models: dict[str, Any], name: str, task: str, metric: str) -> tuple[float, float] | None:
     scores = models.get(name, {}).get("zero_shot", {}).get(task)
     if not scores or metric not in scores:
@@ -513,6 +699,38 @@ def lambada_ratio(models: dict[str, Any], a: str, b: str) -> dict[str, float] | 
     if not la or not lb or la["doc_ids"] != lb["doc_ids"]:
         return None
     return paired_log_ratio(la["loglikelihoods"], lb["loglikelihoods"])
+
+
+def heldout_ratio(models: dict[str, Any], a: str, b: str) -> dict[str, float] | None:
+    """Held-out perplexity of model `a` over model `b`, with a 95% interval from paired blocks
+    (each block's mean NLL, `kdlib.lm.perplexity`'s `row_nll`; packed blocks are of equal length,
+    so the mean of the block means is the token mean)."""
+    ra = models.get(a, {}).get("heldout", {}).get("row_nll")
+    rb = models.get(b, {}).get("heldout", {}).get("row_nll")
+    if not ra or not rb or len(ra) != len(rb):
+        return None
+    pairs = [(x, y) for x, y in zip(ra, rb) if x is not None and y is not None]
+    return paired_log_ratio([-x for x, _ in pairs], [-y for _, y in pairs])
+
+
+def check_record(record: dict[str, Any]) -> list[str]:
+    """What is inconsistent in a chapter 3 record: every model its parameters name must have been
+    scored, a healed base must carry its curve, and the claims must be what its models give."""
+    params, results = record["parameters"], record["results"]
+    models = results.get("models", {})
+    problems = [
+        f"model {name} was not scored"
+        for name in ["student-base", "teacher", *params["runs"]]
+        if name not in models
+    ]
+    if problems:
+        return problems
+    if params["heal_steps"] and not results.get("heal", {}).get("curve"):
+        problems.append("heal_steps is set but the record has no healing curve")
+    expected = [v["verdict"] for v in claim_verdicts(results)]
+    if expected != [c["verdict"] for c in record.get("claims", [])]:
+        problems.append("the claims are not what the models give")
+    return problems
 
 
 def _direction(ratio: dict[str, float]) -> str:
