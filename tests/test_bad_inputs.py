@@ -234,6 +234,14 @@ def unknown_zero_shot_task(tmp):
     chapter_config(CHAPTERS["ch3"], zero_shot_tasks=["piqa", "sciq"])
 
 
+def healing_on_the_distillation_text(tmp):
+    chapter_config(CHAPTERS["ch3"], heal_steps=10, heal_corpus=["gutenberg", "wikitext2-test"])
+
+
+def healing_without_text(tmp):
+    chapter_config(CHAPTERS["ch3"], heal_steps=10, heal_corpus=[])
+
+
 CASES = [
     # (trigger, error type, culprit named, fix named)
     (unknown_parameter, ConfigError, "temprature", "temperature"),  # the known names are listed
@@ -272,6 +280,8 @@ CASES = [
     (distillation_runs_without_a_distillation_term, ConfigError, "alpha_clm = 1.0", "a < 1"),
     (unknown_lm_run, ConfigError, "kd-shuffled", "kd-padded"),
     (unknown_zero_shot_task, ConfigError, "sciq", "openbook_qa"),
+    (healing_on_the_distillation_text, ConfigError, r"share \['wikitext2-test'\]", "Heal on other text"),
+    (healing_without_text, ConfigError, "heal_steps = 10 with an empty heal_corpus", "heal_steps = 0"),
 ]
 
 
