@@ -222,13 +222,13 @@ def reference_run(key: str) -> tuple[dict[str, Any] | None, str]:
     ]
     if meta.get("uncommitted_changes"):
         lines.append(
-            "> **Warning: recorded with uncommitted changes**, so its commit does not reproduce it. "
+            "> **Recorded with uncommitted changes**, so its commit does not reproduce it. "
             f"Rerun {command} on a clean checkout."
         )
     reasons = staleness(chapter, record, versions())
     if reasons:
         lines.append(
-            f"> **Warning: this record is stale.** It was recorded at commit `{meta['commit'][:10]}`; "
+            f"> **This record is stale.** It was recorded at commit `{meta['commit'][:10]}`; "
             f"what decides its numbers changed since: {'; '.join(reasons)}. {command} reruns it."
         )
     return record, "\n\n".join(lines)

@@ -170,7 +170,7 @@ def test_the_page_note_says_what_the_run_was_and_whether_it_is_stale(tmp_path, m
     fresh["record"]["fingerprint"]["files"]["book/ch1_distilbert_squad.md"] = "0" * 64
     (tmp_path / "ch1" / "metrics.json").write_text(json.dumps(fresh))
     _, note = records.reference_run("ch1")
-    assert "**Warning: this record is stale.**" in note and "`book/ch1_distilbert_squad.md` changed" in note
+    assert "**This record is stale.**" in note and "`book/ch1_distilbert_squad.md` changed" in note
 
 
 def test_a_record_whose_parameters_left_its_profile_is_caught():
