@@ -63,7 +63,7 @@ def gutenberg_body(text: str, name: str = "book") -> str:
 
 def prose_paragraphs(text: str) -> list[str]:
     """Blank-line separated paragraphs with their hard line wraps joined by spaces."""
-    return [" ".join(block.split()) for block in re.split(r"\n\s*\n", text) if block.strip()]
+    return [" ".join(block.split()) for block in paragraphs(text)]
 
 
 def load_lm_documents(corpus: str, data_dir: str | os.PathLike | None = None) -> list[str]:
