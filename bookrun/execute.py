@@ -22,7 +22,7 @@ from typing import Any
 import jupytext
 import papermill
 
-from bookrun import notebooks, progress, records, results
+from bookrun import notebooks, progress, records, results, teachers
 from bookrun.chapters import CHAPTERS, ROOT, Chapter
 from bookrun.params import resolve
 from kdlib.config import ConfigError
@@ -118,6 +118,7 @@ def run_chapter(chapter: Chapter, profile: str, overrides: dict[str, Any], outpu
     parameters = resolve(chapter, profile, overrides, output_dir)
     ensure_writable(output_dir)
     offline_unless_paper(profile)
+    teachers.ensure_teachers([(chapter, parameters)])
     notebook = output_dir / f"{chapter.stem}.ipynb"
     seconds = execute(chapter, parameters, notebook)
     print(f"{chapter.key}: executed in {seconds:.0f} s -> {notebook}")
@@ -129,6 +130,8 @@ def build(profile: str, keys: list[str] | None = None, execute_chapters: bool = 
     chapters = [CHAPTERS[k] for k in (keys or list(CHAPTERS))]
     planned = {c.key: resolve(c, profile, None, outputs_dir(c, profile).resolve()) for c in chapters}
     offline_unless_paper(profile)
+    if execute_chapters:
+        teachers.ensure_teachers((c, planned[c.key]) for c in chapters)
     if SOURCE_TREE.exists():
         shutil.rmtree(SOURCE_TREE)
     (SOURCE_TREE / "book").mkdir(parents=True)

@@ -180,3 +180,13 @@ def test_workshop_notebooks_are_runnable_ipynb_with_parameters_first_and_no_outp
         assert code[1].metadata["tags"] == ["injected-parameters"] and 'profile = "smoke"' in code[1].source
         assert all(not c.outputs and c.execution_count is None for c in code)
         assert notebook.metadata["kernelspec"]["name"] == "python3"
+
+
+def test_the_fine_tuned_teachers_a_build_needs_are_the_ones_its_parameters_name():
+    from bookrun.teachers import named_teachers
+
+    ch3 = CHAPTERS["ch3"]
+    assert named_teachers([(CH1, resolve(CH1, "default"))]) == ["minilm-l6-squad"]  # the cell's default
+    assert named_teachers([(CH1, resolve(CH1, "paper"))]) == []  # a hub id: nothing to train here
+    assert named_teachers([(CH1, {"teacher": "minilm-l6"})]) == []
+    assert named_teachers([(ch3, {}), (CH1, {}), (CH1, {"profile": "smoke"})]) == ["minilm-l6-squad"]

@@ -14,7 +14,21 @@ def llama(layers=4):
     return tiny_llama(layers=layers).eval()
 
 
-@pytest.mark.parametrize("make", [llama, lambda: BertForSequenceClassification(tiny_bert_config(layers=4))])
+def pythia(layers=4):
+    """GPT-NeoX (pythia) keeps its stack in `gpt_neox.layers`, not `model.layers`."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=64,
+    )  # fmt: skip
+    return GPTNeoXForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize(
+    "make", [llama, pythia, lambda: BertForSequenceClassification(tiny_bert_config(layers=4))]
+)
 def test_kept_layers_carry_their_weights_and_new_indices(make):
     model = make()
     small = keep_layers(model, [0, 3])
@@ -29,8 +43,9 @@ def test_kept_layers_carry_their_weights_and_new_indices(make):
     assert sorted(set(indices)) == [0, 1]
 
 
-def test_a_cut_decoder_generates_the_same_with_and_without_its_cache():
-    small = keep_layers(llama(), [1, 3])  # a stale layer_idx would index the cache wrongly
+@pytest.mark.parametrize("make", [llama, pythia])
+def test_a_cut_decoder_generates_the_same_with_and_without_its_cache(make):
+    small = keep_layers(make(), [1, 3])  # a stale layer_idx would index the cache wrongly
     prompt = torch.tensor([[3, 7, 11, 5]])
     with torch.no_grad():
         cached = small.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True)
