@@ -53,8 +53,9 @@ def standin_models(shared_data, tmp_path_factory):
         import standin_hub
     finally:
         sys.path.remove(str(STANDINS))
-    os.environ["KDLIB_STANDINS_DATA"] = os.environ["KDLIB_DATA_DIR"]
-    return standin_hub.build_models(tmp_path_factory.mktemp("standin-models"))
+    return standin_hub.build_models(
+        tmp_path_factory.mktemp("standin-models"), Path(os.environ["KDLIB_DATA_DIR"])
+    )
 
 
 def run_paper(chapter: str, models: Path, out: Path) -> dict:

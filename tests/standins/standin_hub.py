@@ -44,8 +44,9 @@ def folder_name(hub_id: str) -> str:
 # --- models -----------------------------------------------------------------------------------
 
 
-def build_models(root: Path) -> Path:
-    """Build every stand-in model folder under `root` (once; a finished folder is kept)."""
+def build_models(root: Path, data: Path) -> Path:
+    """Build every stand-in model folder under `root` (once; a finished folder is kept); `data`
+    is the mirror (the Chinese vocabulary is built from its iflytek text)."""
     root.mkdir(parents=True, exist_ok=True)
     builders: dict[str, Callable[..., None]] = {
         "bert": _bert,
@@ -56,7 +57,7 @@ def build_models(root: Path) -> Path:
     for hub_id, (kind, kwargs) in MODELS.items():
         target = root / folder_name(hub_id)
         if not (target / "config.json").exists():
-            builders[kind](target, **kwargs)
+            builders[kind](target, **({"data": data} if kind == "bert_chinese" else {}), **kwargs)
     return root
 
 
@@ -93,9 +94,8 @@ def _distilbert(target: Path, layers: int) -> None:
     DistilBertTokenizerFast(vocab_file=str(_uncased_vocab()), do_lower_case=True).save_pretrained(target)
 
 
-def _chinese_vocab(target: Path) -> Path:
+def _chinese_vocab(target: Path, data: Path) -> Path:
     """A character WordPiece vocabulary (bert-base-chinese's kind) from the iflytek mirror's text."""
-    data = Path(os.environ["KDLIB_STANDINS_DATA"])
     chars: set[str] = set()
     for line in (data / "iflytek" / "train_few_all.json").read_text("utf-8").split("\n"):
         if line.strip():
@@ -109,11 +109,11 @@ def _chinese_vocab(target: Path) -> Path:
     return path
 
 
-def _bert_chinese(target: Path, layers: int) -> None:
+def _bert_chinese(target: Path, data: Path, layers: int) -> None:
     import torch
     from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
 
-    vocab = _chinese_vocab(target)
+    vocab = _chinese_vocab(target, data)
     tokenizer = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=False, tokenize_chinese_chars=True)
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(tokenizer), num_hidden_layers=layers, **WIDTH)
@@ -122,8 +122,8 @@ def _bert_chinese(target: Path, layers: int) -> None:
 
 
 def _pythia(target: Path, layers: int, seed: int) -> None:
-    """GPT-NeoX with a byte-level BPE tokenizer (SmolLM2's), its embedding padded past the
-    tokenizer's vocabulary to a multiple of 128 as pythia's is (50,304 rows for 50,277 tokens)."""
+    """GPT-NeoX with a byte-level BPE tokenizer (SmolLM2's), its embedding padded to a multiple
+    of 128 with rows to spare, as pythia's is (50,304 rows for 50,277 tokens)."""
     import torch
     from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -173,23 +173,21 @@ def _squad(split: str) -> Any:
     return datasets.Dataset.from_list(rows)
 
 
-def _labelled(rows: list[dict[str, Any]], names: list[str], split: str, test_unlabelled: bool) -> Any:
+def _labelled(rows: list[dict[str, Any]], names: list[str], split: str) -> Any:
+    """A seeded sample of `rows` in the GLUE/CLUE hub schema; their test splits carry no labels."""
     import datasets
 
     chosen = random.Random(split).sample(rows, min(ROWS_PER_SPLIT, len(rows)))
-    if split == "test" and test_unlabelled:  # the hub's GLUE/CLUE test splits carry no labels
-        chosen = [row | {"label": -1} for row in chosen]
+    labelled = split != "test"
+    label = datasets.ClassLabel(names=names) if labelled else datasets.Value("int64")
     features = datasets.Features(
-        {
-            "idx": datasets.Value("int32"),
-            "sentence": datasets.Value("string"),
-            "label": datasets.ClassLabel(names=names)
-            if split != "test" or not test_unlabelled
-            else datasets.Value("int64"),
-        }
+        {"idx": datasets.Value("int32"), "sentence": datasets.Value("string"), "label": label}
     )
     return datasets.Dataset.from_list(
-        [{"idx": i, "sentence": r["sentence"], "label": r["label"]} for i, r in enumerate(chosen)],
+        [
+            {"idx": i, "sentence": r["sentence"], "label": r["label"] if labelled else -1}
+            for i, r in enumerate(chosen)
+        ],
         features=features,
     )
 
@@ -197,16 +195,14 @@ def _labelled(rows: list[dict[str, Any]], names: list[str], split: str, test_unl
 def _sst2(split: str) -> Any:
     from kdlib.data import load_sst2
 
-    return _labelled(
-        load_sst2(split, os.environ["KDLIB_STANDINS_DATA"]), ["negative", "positive"], split, True
-    )
+    return _labelled(load_sst2(split, os.environ["KDLIB_STANDINS_DATA"]), ["negative", "positive"], split)
 
 
 def _iflytek(split: str) -> Any:
     from kdlib.data import load_iflytek
 
     rows = load_iflytek(split, os.environ["KDLIB_STANDINS_DATA"])
-    return _labelled(rows, [str(i) for i in range(119)], split, True)
+    return _labelled(rows, [str(i) for i in range(119)], split)
 
 
 def _pile(split: str) -> Iterator[dict[str, Any]]:
