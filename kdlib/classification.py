@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, TrainerCallback, TrainerControl, TrainerState
 
 from kdlib.batching import FeatureDataset, PadCollator, RaggedArray, inference_batches
+from kdlib.lm_cache import bf16_autocast
 from kdlib.registry import load_pretrained
 from kdlib.trainer import DistillationTrainer, quiet_arguments
 
@@ -54,9 +55,13 @@ def forward_all(
     return result
 
 
-def accuracy(model: torch.nn.Module, columns: dict[str, list], pad_token_id: int) -> float:
-    """Percentage of `columns` whose arg-max prediction equals its label."""
-    predicted = forward_all(model, columns, pad_token_id, hidden=False)["logits"].argmax(-1)
+def accuracy(
+    model: torch.nn.Module, columns: dict[str, list], pad_token_id: int, bf16: bool = False
+) -> float:
+    """Percentage of `columns` whose arg-max prediction equals its label (`bf16`: the forward
+    passes under bfloat16 autocast, as a model trained that way is run)."""
+    with bf16_autocast(bf16, next(model.parameters()).device):
+        predicted = forward_all(model, columns, pad_token_id, hidden=False)["logits"].argmax(-1)
     return float(100.0 * np.mean(predicted == np.asarray(columns["labels"])))
 
 
@@ -69,10 +74,10 @@ class AccuracyCurve(TrainerCallback):
     for each model, and scores with its own batching rather than `accuracy`'s length-sorted one.
     """
 
-    def __init__(self, columns: dict[str, list], pad_token_id: int, every: int) -> None:
+    def __init__(self, columns: dict[str, list], pad_token_id: int, every: int, bf16: bool = False) -> None:
         if every < 1:
             raise ValueError(f"AccuracyCurve needs every >= 1 step, got {every}.")
-        self.columns, self.pad_token_id, self.every = columns, pad_token_id, every
+        self.columns, self.pad_token_id, self.every, self.bf16 = columns, pad_token_id, every, bf16
         self.points: list[dict[str, float]] = []
 
     def on_step_end(
@@ -88,7 +93,10 @@ class AccuracyCurve(TrainerCallback):
         if state.global_step % self.every == 0 or state.global_step == state.max_steps:
             was_training = model.training
             self.points.append(
-                {"step": state.global_step, "accuracy": accuracy(model, self.columns, self.pad_token_id)}
+                {
+                    "step": state.global_step,
+                    "accuracy": accuracy(model, self.columns, self.pad_token_id, self.bf16),
+                }
             )
             model.train(was_training)
 
@@ -116,9 +124,11 @@ def fine_tune(
     seed: int,
     trainer_class: type[DistillationTrainer] = DistillationTrainer,
     callbacks: list[TrainerCallback] | None = None,
+    bf16: bool = False,
 ) -> DistillationTrainer:
     """`steps` AdamW steps on the gold labels alone (10% warmup, linear decay, length-grouped
-    batches); returns the trainer, whose `state.log_history` holds the loss curve."""
+    batches; `bf16`: forward passes under bfloat16 autocast, fp32 weights and optimiser);
+    returns the trainer, whose `state.log_history` holds the loss curve."""
     args = quiet_arguments(
         output_dir=output_dir,
         per_device_train_batch_size=batch_size,
@@ -131,6 +141,8 @@ def fine_tune(
         alpha_ce=0.0,
         alpha_task=1.0,
         train_sampling_strategy="group_by_length",
+        bf16=bf16,
+        use_cpu=not torch.cuda.is_available(),  # the Trainer refuses bf16 on a CPU-only machine otherwise
     )
     trainer = trainer_class(
         model=model,

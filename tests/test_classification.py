@@ -61,3 +61,37 @@ def test_tail_gain_is_what_the_last_fifth_of_the_steps_added():
     assert tail_gain(points) == pytest.approx(0.5)  # 250 minus 200 (= 80% of 250)
     assert tail_gain(points, share=0.5) == pytest.approx(4.5)  # 250 minus 100 (the last at <= 125)
     assert tail_gain(points[:1]) is None and tail_gain([]) is None
+
+
+def dtypes_seen(model):
+    """The output dtypes of the model's first attention projection, recorded call by call."""
+    seen = []
+    layer = model.bert.encoder.layer[0].attention.self.query
+    layer.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    return seen
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_bf16_runs_training_and_scoring_under_autocast_with_fp32_weights(tmp_path, bf16):
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_bert_config(layers=2, hidden=8))
+    seen = dtypes_seen(model)
+    curve = AccuracyCurve(columns(), 0, every=5, bf16=bf16)
+    fine_tune(
+        model,
+        columns(),
+        0,
+        output_dir=str(tmp_path),
+        steps=2,
+        batch_size=4,
+        learning_rate=1e-2,
+        seed=0,
+        callbacks=[curve],
+        bf16=bf16,
+    )
+    expected = torch.bfloat16 if bf16 else torch.float32
+    assert seen and set(seen) == {expected}  # the training steps' forwards and the curve's
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    seen.clear()
+    assert 0.0 <= accuracy(model, columns(), 0, bf16=bf16) <= 100.0
+    assert set(seen) == {expected}

@@ -91,6 +91,7 @@ class TheseusExperimentConfig:
     learning_rate: float
     batch_size: int
     freeze_embeddings: bool
+    bf16: bool
     curve_every: int
     train_seeds: list[int]
     seed: int
@@ -267,7 +268,9 @@ class TheseusExperiment:
             return [], None, []
         tracker = None
         if self.cfg.curve_every:
-            tracker = AccuracyCurve(self.eval_columns, self.tokenizer.pad_token_id, self.cfg.curve_every)
+            tracker = AccuracyCurve(
+                self.eval_columns, self.tokenizer.pad_token_id, self.cfg.curve_every, self.cfg.bf16
+            )
             callbacks = [*(callbacks or []), tracker]
         trainer = fine_tune(
             model,
@@ -280,12 +283,13 @@ class TheseusExperiment:
             seed=seed,
             trainer_class=trainer_class,
             callbacks=callbacks,
+            bf16=self.cfg.bf16,
         )
         losses = [entry for entry in trainer.state.log_history if "loss" in entry]
         return losses, trainer, tracker.points if tracker else []
 
     def evaluate(self, model: torch.nn.Module) -> float:
-        return accuracy(model, self.eval_columns, self.tokenizer.pad_token_id)
+        return accuracy(model, self.eval_columns, self.tokenizer.pad_token_id, self.cfg.bf16)
 
     def fine_tune_predecessor(self) -> float:
         """Fine-tune the whole pretrained model on the task; its accuracy is the ceiling."""
