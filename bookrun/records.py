@@ -7,20 +7,31 @@ claims, so CI never runs one: it reads the committed record. The record is the c
 reference profile's values, the source of the chapter and of its experiment module, the
 definitions of every `kdlib` module they reach (`bookrun.reach`), and the torch and
 transformers versions. A record whose fingerprint no longer matches the checkout is *stale*:
-the page says so, and which file moved. (Records made before the `definitions` scheme hashed
-each reached `kdlib` file whole; `staleness` still reads them that way.)
+the page says so, and which file moved. The chapter's text counts by its code cells only:
+prose cannot change a number, and a reading of the record written after the run must not mark
+it stale.
+
+Older records are read in their own scheme: those of the `definitions` scheme (the chapter's
+text hashed whole) are re-fingerprinted from the commit they name, when that commit is at hand
+and its files give exactly the recorded fingerprint; those before it hashed each reached
+`kdlib` file whole.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import datetime
 import hashlib
+import io
 import json
 import re
 import shutil
 import subprocess
+import tarfile
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +61,11 @@ def read_record(chapter: Chapter) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-SCHEME = "definitions"
-"""How `fingerprint` hashes the library: the definitions a chapter reaches (`bookrun.reach`)."""
+SCHEME = "code"
+"""How `fingerprint` hashes: the chapter's code cells, its own modules and profile whole, the
+library by the definitions the chapter reaches (`bookrun.reach`)."""
+PREVIOUS_SCHEME = "definitions"
+"""The same, but with the chapter's text hashed whole (records made before 2026-12-03)."""
 
 
 def _module_file(name: str, root: Path = ROOT) -> Path | None:
@@ -97,37 +111,87 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def fingerprint(chapter: Chapter, versions: dict[str, str], root: Path = ROOT) -> dict[str, Any]:
-    """The chapter's own files hashed whole, the library by the definitions they reach."""
+def fingerprint(
+    chapter: Chapter, versions: dict[str, str], root: Path = ROOT, scheme: str = SCHEME
+) -> dict[str, Any]:
+    """The chapter's code cells (its whole text in the previous scheme), its own modules and
+    profile hashed whole, the library by the definitions they reach."""
     files = decisive_files(chapter, root)
+    source = root / chapter.source.relative_to(ROOT)
     own = [p for p in files if p.relative_to(root).parts[0] != "kdlib"]
-    roots = [("chapter", code_cells((root / chapter.source.relative_to(ROOT)).read_text()))]
+    cells = code_cells(source.read_text())
+    roots = [("chapter", cells)]
     roots += [(".".join(("experiments", p.stem)), p.read_text()) for p in own if p.suffix == ".py"]
+    digests = {str(p.relative_to(root)): _sha256(p) for p in own}
+    if scheme == SCHEME:
+        digests[str(source.relative_to(root))] = hashlib.sha256(cells.encode()).hexdigest()
     return {
-        "scheme": SCHEME,
-        "files": {str(p.relative_to(root)): _sha256(p) for p in own} | reached_digests(roots, root),
+        "scheme": scheme,
+        "files": digests | reached_digests(roots, root),
         "versions": {k: versions.get(k) for k in PINNED_VERSIONS},
     }
 
 
-def _whole_files(chapter: Chapter, versions: dict[str, str]) -> dict[str, Any]:
+@contextlib.contextmanager
+def _files_at(chapter: Chapter, commit: str, root: Path) -> Iterator[Path | None]:
+    """The files that decide the chapter's numbers as they were at `commit`, in a scratch folder;
+    None when the repository at `root` lacks that commit (a shallow clone) or git is missing."""
+    book = BOOK.relative_to(ROOT)
+    paths = [str(book / "experiments"), str(book / "params"), str(chapter.source.relative_to(ROOT)), "kdlib"]
+    try:
+        archive = subprocess.run(
+            ["git", "archive", "--format=tar", commit, "--", *paths],
+            cwd=root,
+            capture_output=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        yield None
+        return
+    with tempfile.TemporaryDirectory() as scratch, tarfile.open(fileobj=io.BytesIO(archive)) as files:
+        files.extractall(scratch, filter="data")
+        yield Path(scratch)
+
+
+def _whole_files(chapter: Chapter, versions: dict[str, str], root: Path = ROOT) -> dict[str, Any]:
     """The fingerprint of records made before the definitions scheme: every decisive file whole."""
     return {
-        "files": {str(p.relative_to(ROOT)): _sha256(p) for p in decisive_files(chapter)},
+        "files": {str(p.relative_to(root)): _sha256(p) for p in decisive_files(chapter, root)},
         "versions": {k: versions.get(k) for k in PINNED_VERSIONS},
     }
 
 
-def staleness(chapter: Chapter, record: dict[str, Any], versions: dict[str, str]) -> list[str]:
-    """Why the record no longer describes this checkout: one line per changed input; [] if fresh."""
+def _in_current_scheme(chapter: Chapter, record: dict[str, Any], root: Path) -> dict[str, Any] | None:
+    """A `definitions`-scheme record's fingerprint in today's scheme, computed from the commit it
+    names; None unless that commit's files give exactly the fingerprint the record carries."""
+    meta = record["record"]
+    recorded = meta["fingerprint"]
+    if meta.get("uncommitted_changes"):
+        return None
+    with _files_at(chapter, meta["commit"], root) as then:
+        if then is None or fingerprint(chapter, recorded["versions"], then, PREVIOUS_SCHEME) != recorded:
+            return None
+        return fingerprint(chapter, recorded["versions"], then, SCHEME)
+
+
+def staleness(
+    chapter: Chapter, record: dict[str, Any], versions: dict[str, str], root: Path = ROOT
+) -> list[str]:
+    """Why the record no longer describes the checkout at `root`: one line per changed input;
+    [] if fresh."""
     recorded = record["record"]["fingerprint"]
-    now = (
-        fingerprint(chapter, versions)
-        if recorded.get("scheme") == SCHEME
-        else _whole_files(chapter, versions)
-    )
+    scheme = recorded.get("scheme")
+    if scheme == PREVIOUS_SCHEME:
+        upgraded = _in_current_scheme(chapter, record, root)
+        recorded, scheme = (upgraded, SCHEME) if upgraded else (recorded, scheme)
+    if scheme in (SCHEME, PREVIOUS_SCHEME):
+        now = fingerprint(chapter, versions, root, scheme)
+    else:
+        now = _whole_files(chapter, versions, root)
+    text = str(chapter.source.relative_to(ROOT))
     reasons = [
-        f"`{path}` changed" if path in now["files"] else f"`{path}` is gone"
+        ("the code cells of " if path == text and scheme == SCHEME else "")
+        + (f"`{path}` changed" if path in now["files"] else f"`{path}` is gone")
         for path, digest in recorded["files"].items()
         if now["files"].get(path) != digest
     ]

@@ -8,6 +8,8 @@ import copy
 import dataclasses
 import json
 import re
+import shutil
+import subprocess
 
 import pytest
 
@@ -101,6 +103,74 @@ def test_records_before_the_definitions_scheme_are_judged_file_by_file():
     assert records.staleness(chapter, record, versions()) == []
     record["record"]["fingerprint"]["files"]["kdlib/stats.py"] = "0" * 64
     assert records.staleness(chapter, record, versions()) == ["`kdlib/stats.py` changed"]
+
+
+def project_copy(tmp_path, key="ch1"):
+    """The files that decide a chapter's numbers, copied under `tmp_path` as a project root."""
+    ignore = shutil.ignore_patterns("__pycache__")
+    for folder in ("kdlib", "book/experiments", "book/params"):
+        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=ignore)
+    source = CHAPTERS[key].source.relative_to(ROOT)
+    shutil.copy(ROOT / source, tmp_path / source)
+    return tmp_path / source
+
+
+def edit_prose_then_code(text_file, chapter, record, root):
+    """(staleness after a prose edit, staleness after a code-cell edit) of `record` at `root`."""
+    text = text_file.read_text()
+    text_file.write_text(text.replace("\n## ", "\nA new sentence of prose.\n\n## ", 1))
+    after_prose = records.staleness(chapter, record, versions(), root)
+    text_file.write_text(text + "\n```{code-cell} ipython3\nx = 1\n```\n")
+    return after_prose, records.staleness(chapter, record, versions(), root)
+
+
+def test_prose_leaves_a_record_fresh_and_a_code_cell_does_not(tmp_path):
+    chapter, record = CHAPTERS["ch1"], fresh_record()
+    text_file = project_copy(tmp_path)
+    record["record"]["fingerprint"] = records.fingerprint(chapter, versions(), tmp_path)
+    assert records.staleness(chapter, record, versions(), tmp_path) == []
+    after_prose, after_code = edit_prose_then_code(text_file, chapter, record, tmp_path)
+    assert after_prose == []
+    assert after_code == ["the code cells of `book/ch1_distilbert_squad.md` changed"]
+
+
+def git(root, *args):
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=root, check=True, capture_output=True
+    )
+
+
+def test_a_record_of_the_definitions_scheme_is_refingerprinted_from_its_commit(tmp_path):
+    """Its chapter text was hashed whole; the commit it names gives its code cells' hash, once
+    that commit's files are shown to give the recorded fingerprint."""
+    chapter, record = CHAPTERS["ch1"], fresh_record()
+    text_file = project_copy(tmp_path)
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "add", ".")
+    git(tmp_path, "commit", "-q", "-m", "the run's commit")
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout
+    record["record"]["commit"] = commit.strip()
+    record["record"]["fingerprint"] = records.fingerprint(
+        chapter, versions(), tmp_path, records.PREVIOUS_SCHEME
+    )
+    assert record["record"]["fingerprint"]["scheme"] == "definitions"
+    after_prose, after_code = edit_prose_then_code(text_file, chapter, record, tmp_path)
+    assert after_prose == []
+    assert after_code == ["the code cells of `book/ch1_distilbert_squad.md` changed"]
+
+    # not shown to come from its commit: judged as recorded, the whole text
+    for meta in ({"commit": "f" * 40}, {"uncommitted_changes": True}):
+        unproven = copy.deepcopy(record)
+        unproven["record"].update(meta)
+        assert edit_prose_then_code(text_file, chapter, unproven, tmp_path)[0] == [
+            "`book/ch1_distilbert_squad.md` changed"
+        ]
+    tampered = copy.deepcopy(record)
+    tampered["record"]["fingerprint"]["files"]["kdlib/losses.py"] = "0" * 64
+    assert (
+        "`book/ch1_distilbert_squad.md` changed"
+        in edit_prose_then_code(text_file, chapter, tampered, tmp_path)[0]
+    )
 
 
 LIBRARY = {
