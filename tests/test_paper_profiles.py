@@ -28,8 +28,18 @@ pytestmark = pytest.mark.slow
 
 STANDINS = Path(__file__).parent / "standins"
 CAPS = {
-    "ch1": {"epochs": 1.0, "eval_every": 4},
-    "ch2": {"train_examples": 64, "train_seeds": [0, 1]},  # two seeds: its verdicts need a spread
+    "ch1": {
+        "max_train_windows": 64,
+        "eval_questions": 64,
+        "curve_questions": 32,
+        "epochs": 1.0,
+        "eval_every": 2,
+    },
+    "ch2": {
+        "train_examples": 64,
+        "eval_examples": 64,
+        "train_seeds": [0, 1],  # two seeds: its verdicts need a spread
+    },
     "ch3": {
         "max_length": 64,
         "steps": 2,
@@ -38,7 +48,14 @@ CAPS = {
         "zero_shot_examples": 4,
         "lambada_examples": 4,
     },
-    "ch4": {"predecessor_steps": 4, "replacing_steps": 4, "successor_steps": 2, "train_seeds": [0]},
+    "ch4": {
+        "train_examples": 256,
+        "eval_examples": 64,
+        "predecessor_steps": 4,
+        "replacing_steps": 4,
+        "successor_steps": 2,
+        "train_seeds": [0],
+    },
 }
 # Every data set comes from the (stand-in) hub, as on a machine with no mirror, except chapter
 # 3's lm-eval tasks: lm-eval's own hub task definitions are not stood in for, so that chapter
