@@ -20,9 +20,14 @@ def columns(n=12):
     }
 
 
-def trained(tmp_path, callbacks=None):
+def tiny_classifier():
     torch.manual_seed(0)
-    model = BertForSequenceClassification(tiny_bert_config(layers=2, hidden=8))
+    return BertForSequenceClassification(tiny_bert_config(layers=2, hidden=8))
+
+
+def trained(tmp_path, callbacks=None, model=None, bf16=False):
+    """`model` (a fresh tiny classifier if None) after 5 steps on `columns()`."""
+    model = model or tiny_classifier()
     fine_tune(
         model,
         columns(),
@@ -33,6 +38,7 @@ def trained(tmp_path, callbacks=None):
         learning_rate=1e-2,
         seed=0,
         callbacks=callbacks,
+        bf16=bf16,
     )
     return model
 
@@ -73,22 +79,9 @@ def dtypes_seen(model):
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_bf16_runs_training_and_scoring_under_autocast_with_fp32_weights(tmp_path, bf16):
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(tiny_bert_config(layers=2, hidden=8))
+    model = tiny_classifier()
     seen = dtypes_seen(model)
-    curve = AccuracyCurve(columns(), 0, every=5, bf16=bf16)
-    fine_tune(
-        model,
-        columns(),
-        0,
-        output_dir=str(tmp_path),
-        steps=2,
-        batch_size=4,
-        learning_rate=1e-2,
-        seed=0,
-        callbacks=[curve],
-        bf16=bf16,
-    )
+    trained(tmp_path, [AccuracyCurve(columns(), 0, every=5, bf16=bf16)], model, bf16)
     expected = torch.bfloat16 if bf16 else torch.float32
     assert seen and set(seen) == {expected}  # the training steps' forwards and the curve's
     assert {p.dtype for p in model.parameters()} == {torch.float32}
