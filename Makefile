@@ -21,12 +21,13 @@ NODEPS := $(shell sed -e 's/[=<>].*//' -e '/^\#/d' -e '/^$$/d' requirements-node
 
 setup: $(VENV)/.installed
 
-# torch 2.13.0 first: a CPU build, which requirements.txt's range admits, so pip keeps it.
-$(VENV)/.installed: requirements.txt requirements-nodeps.txt pyproject.toml
+# torch 2.13.0 first: a CPU build, which requirements.txt's range admits, so pip keeps it; the
+# rest at the versions the records were made with (constraints.txt).
+$(VENV)/.installed: requirements.txt requirements-nodeps.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -r requirements.txt -c constraints.txt
 	@# pip check, except for the --no-deps packages, whose declared dependencies are left out on purpose
 	! $(PY) -m pip check | grep -v -i -E '^(($(NODEPS)) |No broken requirements)' | grep .
 	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt

@@ -142,7 +142,9 @@ def fine_tune(
         alpha_task=1.0,
         train_sampling_strategy="group_by_length",
         bf16=bf16,
-        use_cpu=not torch.cuda.is_available(),  # the Trainer refuses bf16 on a CPU-only machine otherwise
+        # the Trainer refuses bf16 on a machine without CUDA unless told to use the CPU; asked only
+        # then, so that a float32 run keeps whatever device the Trainer picks (Apple's MPS included)
+        use_cpu=bf16 and not torch.cuda.is_available(),
     )
     trainer = trainer_class(
         model=model,

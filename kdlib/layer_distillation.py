@@ -160,7 +160,10 @@ class LayerDistillationTrainer(DistillationTrainer):
         model = self.accelerator.unwrap_model(self.model)
         projection = getattr(model, PROJECTION)
         student_states = [projection(h) for h in student_outputs.hidden_states[1:]]
-        teacher_states = [hidden[:, :, layer].to(student_states[0].dtype) for layer in layers]
+        # the wider of the two dtypes, not the student's: a bfloat16 student (autocast) would
+        # round a float16 cache to 3 mantissa bits fewer; float16 and bfloat16 promote to float32
+        dtype = torch.promote_types(hidden.dtype, student_states[0].dtype)
+        teacher_states = [hidden[:, :, layer].to(dtype) for layer in layers]
         matrix = layer_loss_matrix(teacher_states, student_states, inputs.get("attention_mask"))
         alignment = align(matrix.detach().cpu(), args.matching, self.existing)
         if self.model.training:

@@ -242,3 +242,53 @@ def test_defaults_are_cofis_recipe(tmp_path):
     a = LayerDistillationArguments(output_dir=str(tmp_path), report_to="none")
     assert (a.layer_weight, a.alpha_ce, a.alpha_task, a.temperature) == (0.9, 0.1, 0.0, 2.0)
     assert (a.selection, a.num_teacher_layers, a.matching) == ("fixed", 4, "ordered")
+
+
+def fp16_cached(teacher, data, folder):
+    """`data` with the teacher's logits and fp16 hidden states as columns, as chapter 2 caches them."""
+    cached = cached_teacher_states(teacher, data, 0, TeacherOutputCache(folder / "cache"))
+    dataset = FeatureDataset(data, extra={"teacher_hidden_states": cached["teacher_hidden_states"]})
+    dataset.columns["teacher_logits"] = cached["teacher_logits"]
+    return dataset
+
+
+def test_bf16_trains_the_student_under_autocast_with_fp32_weights(tmp_path):
+    teacher, student = models()
+    seen = []
+    query = student.bert.encoder.layer[0].attention.self.query
+    query.register_forward_hook(lambda module, inputs, out: seen.append(out.dtype))
+    trainer = LayerDistillationTrainer(
+        model=student,
+        args=args(tmp_path, bf16=True, use_cpu=not torch.cuda.is_available()),
+        train_dataset=fp16_cached(teacher, rows(), tmp_path),
+        data_collator=PadCollator(0),
+    )
+    trainer.train()
+    assert len(seen) == 4 and set(seen) == {torch.bfloat16}  # one student forward per step
+    assert {p.dtype for p in student.parameters()} == {torch.float32}
+    assert all(np.isfinite(entry["loss_matrix"]).all() for entry in trainer.alignment_log)
+
+
+def test_a_bf16_student_meets_the_fp16_cache_unrounded(tmp_path):
+    """The cached teacher states enter the float32 loss matrix as stored, not first rounded to the
+    student's bfloat16 (3 mantissa bits fewer than the cache's float16)."""
+    teacher, student = models()
+    dataset = fp16_cached(teacher, rows(), tmp_path)
+    trainer = LayerDistillationTrainer(model=student, args=args(tmp_path), train_dataset=dataset)
+    batch = batch_of(dataset)
+    hidden = batch["teacher_hidden_states"]
+    assert hidden.dtype == torch.float16
+    assert not torch.equal(hidden.to(torch.bfloat16).to(torch.float16), hidden)  # rounding would show
+    student.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = student(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
+        )
+        projected = [getattr(student, PROJECTION)(h) for h in outputs.hidden_states[1:]]
+        got = trainer.layer_loss(outputs, dict(batch))
+    assert projected[0].dtype == torch.bfloat16
+    expected = layer_loss_matrix(
+        [hidden[:, :, t].float() for t in (1, 3)], [p.float() for p in projected], batch["attention_mask"]
+    )
+    want = expected[0, 0] + expected[1, 1]  # one-to-one: teacher layers 1, 3 -> student layers 0, 1
+    torch.testing.assert_close(got.float(), want, rtol=1e-6, atol=0)

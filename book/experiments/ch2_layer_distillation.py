@@ -79,6 +79,7 @@ class LayerExperimentConfig:
     curve_every: int
     train_seeds: list[int]
     removed_layers: list[int]
+    bf16: bool
     seed: int
     output_dir: str
 
@@ -208,7 +209,11 @@ class LayerExperiment:
         if cfg.teacher_steps:
             columns = encode(self.teacher_tokenizer, self.teacher_train, cfg.max_length)
             curve = (
-                [AccuracyCurve(teacher_dev, self.teacher_tokenizer.pad_token_id, cfg.teacher_curve_every)]
+                [
+                    AccuracyCurve(
+                        teacher_dev, self.teacher_tokenizer.pad_token_id, cfg.teacher_curve_every, cfg.bf16
+                    )
+                ]
                 if cfg.teacher_curve_every
                 else []
             )
@@ -222,12 +227,13 @@ class LayerExperiment:
                 learning_rate=cfg.teacher_learning_rate,
                 seed=cfg.seed,
                 callbacks=curve or None,
+                bf16=cfg.bf16,
             )
             self.record["results"]["teacher_curve"] = trainer.state.log_history
             if cfg.teacher_curve_every:
                 self.record["results"]["teacher_accuracy_curve"] = curve[0].points
         self.teacher.eval()
-        acc = accuracy(self.teacher, teacher_dev, self.teacher_tokenizer.pad_token_id)
+        acc = accuracy(self.teacher, teacher_dev, self.teacher_tokenizer.pad_token_id, cfg.bf16)
         self.record["results"]["teacher"] = {"accuracy": acc, "examples": len(self.dev)}
         self.timings["teacher_fine_tune_s"] = time.perf_counter() - started
         return acc
@@ -273,12 +279,14 @@ class LayerExperiment:
         trainer = self._trainer(student, tokenizer, args, teacher, existing)
         tracker = None
         if curve and self.cfg.curve_every:
-            tracker = AccuracyCurve(self.dev_columns, tokenizer.pad_token_id, self.cfg.curve_every)
+            tracker = AccuracyCurve(
+                self.dev_columns, tokenizer.pad_token_id, self.cfg.curve_every, self.cfg.bf16
+            )
             trainer.add_callback(tracker)
         started = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - started
-        acc = accuracy(student, self.dev_columns, tokenizer.pad_token_id)
+        acc = accuracy(student, self.dev_columns, tokenizer.pad_token_id, self.cfg.bf16)
         name = f"{strategy}/seed{seed}" + (f"/{tag}" if tag else "")
         run = StrategyRun(name, acc, seconds, trainer.alignment_log)
         self.runs[name] = run
@@ -347,6 +355,8 @@ class LayerExperiment:
             matching=matching,
             layer_warmup=layer_warmup,
             train_sampling_strategy="group_by_length",
+            bf16=cfg.bf16,
+            use_cpu=cfg.bf16 and not torch.cuda.is_available(),  # the Trainer's condition for bf16 on a CPU
         )
 
     def diagnose_weights(self, teacher: dict[str, Any]) -> dict[str, Any]:
