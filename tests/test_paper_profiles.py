@@ -110,6 +110,8 @@ def run_paper(chapter: str, models: Path, out: Path) -> dict:
     for name, value in paper.items():  # the profile's own values, except the capped sizes
         if name not in CAPS[chapter]:
             assert metrics["parameters"][name] == value, name
+    for name, value in CAPS[chapter].items():  # each -p override reached the notebook
+        assert metrics["parameters"][name] == value, name
     assert metrics["claims"] and all(c["verdict"] in VERDICTS for c in metrics["claims"])
     return metrics
 
