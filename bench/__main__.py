@@ -16,13 +16,19 @@ step by step (the machine is noisy; only ratios taken together mean anything):
 - the student's own step (`--setting student`; chapter 1's, cached KD): float32 at the default
   thread count and at one thread, bf16 autocast, and `torch.compile`, with the span logits'
   largest difference from float32 eager: what a reference run may adopt without changing results;
-- layer distillation (chapter 2's layer-loss matrix, forward and backward, at the chapter's
-  shape and at CoFi's): the former formulation, which held every pair's difference as one
-  `[k, m, batch, seq, width]` tensor, against `kdlib.alignment.layer_loss_matrix`: time, peak
-  memory, and the largest relative difference of the matrix and a gradient;
+- layer distillation (chapter 2, `--setting layers`): the layer-distillation step against its
+  limit (online: the student's step returning hidden states + the teacher's forward; cached:
+  the student's step), float32 and bf16 autocast; and the layer-loss matrix, forward and
+  backward, at the chapter's shape and at CoFi's: the former formulation, which held every
+  pair's difference as one `[k, m, batch, seq, width]` tensor, against
+  `kdlib.alignment.layer_loss_matrix`: time, peak memory, and the largest relative difference
+  of the matrix and a gradient;
+- module replacement (chapter 4, `--setting theseus`): a replacing step, binary (p = 0.5) and
+  proportional add, against the predecessor's forward + the successor's own step;
 - causal LM (chapter 3: SmolLM2-135M teacher, 24-layer student, 8 x 128 packed WikiText, bf16):
-  online KD step / (CLM step + teacher forward); cached top-k KD step / CLM step; the cache's
-  size per token, and how much of the full-vocabulary KL a top-k cache keeps.
+  online KD step / (CLM step + teacher forward); cached top-k KD step / CLM step; each step's
+  peak memory against the CLM step's (each in its own process); the cache's size per token, and
+  how much of the full-vocabulary KL a top-k cache keeps.
 
 Prints a report and writes it as JSON (`--json`). Needs the data mirror and the offline models
 (KDLIB_DATA_DIR, KDLIB_MODELS_DIR), like the book.
@@ -43,18 +49,23 @@ from bench.measure import (
     in_own_process,
     kdlib_run,
     layer_matrix,
+    layer_steps,
+    lm_memory,
     lm_steps,
     qa_first_step_losses,
     qa_steps,
     student_steps,
     textbrewer_run,
+    theseus_steps,
 )
 from kdlib.runtime import keep_freed_memory
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--setting", choices=("qa", "student", "layers", "lm", "all"), default="all")
+    parser.add_argument(
+        "--setting", choices=("qa", "student", "layers", "theseus", "lm", "all"), default="all"
+    )
     parser.add_argument("--steps", type=int, default=6, help="timed steps per variant (after one warm-up)")
     parser.add_argument(
         "--windows", type=int, default=256, help="training windows of the whole-run comparison"
@@ -90,9 +101,13 @@ def main() -> None:
     if opts.setting in ("student", "all"):
         report["student_steps"] = student_steps(opts.steps)
     if opts.setting in ("layers", "all"):
+        report["layer_steps"] = layer_steps(opts.steps)
         report["layer_matrix"] = layer_matrix()
+    if opts.setting in ("theseus", "all"):
+        report["theseus_steps"] = theseus_steps(opts.steps)
     if opts.setting in ("lm", "all"):
         report["lm_steps"] = lm_steps(opts.steps)
+        report["lm_memory"] = lm_memory()
     print(json.dumps(report, indent=2))
     if opts.json:
         opts.json.write_text(json.dumps(report, indent=2))

@@ -451,14 +451,30 @@ def qa_first_step_losses() -> dict[str, float]:
 # --- causal LM (chapter 3) ---------------------------------------------------------------------
 
 
-def lm_steps(steps: int, topk: int = 64) -> dict[str, Any]:
+def _lm_args(tmp: str, distil: bool) -> Any:
+    from kdlib.lm_trainer import LMDistillationArguments
+
+    return LMDistillationArguments(
+        output_dir=tmp,
+        alpha_ce=0.5 if distil else 0.0,
+        alpha_task=0.5 if distil else 1.0,
+        temperature=2.0,
+        bf16=True,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+    )
+
+
+def _lm_setup(steps: int, topk: int) -> tuple[Any, Any, list[dict], list[dict]]:
+    """Chapter 3's teacher, its 24-layer student, and `steps` + 1 batches of 8 x 128 packed
+    WikiText tokens: with the teacher's cached top-k, and without (for the online step)."""
     from transformers import AutoModelForCausalLM
 
     from kdlib.batching import FeatureDataset, PadCollator
-    from kdlib.lm import token_divergence, topk_forward_kl, topk_teacher
     from kdlib.lm_cache import compute_topk
     from kdlib.lm_data import load_lm_documents, pack
-    from kdlib.lm_trainer import LMDistillationArguments, LMDistillationTrainer
     from kdlib.registry import load_pretrained
     from kdlib.stack import keep_layers, middle_block
 
@@ -477,28 +493,54 @@ def lm_steps(steps: int, topk: int = 64) -> dict[str, Any]:
     online = [{k: v for k, v in b.items() if not k.startswith("teacher_")} for b in cached]
     student = keep_layers(teacher, middle_block(30, 24))
     student.get_input_embeddings().requires_grad_(False)
-    models = {name: copy.deepcopy(student) for name in ("clm", "online", "cached")}
+    return teacher, student, cached, online
 
-    def args(tmp: str, distil: bool) -> Any:
-        return LMDistillationArguments(
-            output_dir=tmp,
-            alpha_ce=0.5 if distil else 0.0,
-            alpha_task=0.5 if distil else 1.0,
-            temperature=2.0,
-            bf16=True,
-            report_to="none",
-            use_cpu=True,
-            disable_tqdm=True,
-            save_strategy="no",
+
+def lm_step_peak(variant: str, topk: int = 64, steps: int = 2) -> dict[str, Any]:
+    """Peak memory of one kind of chapter 3 step, in its own process: above what the process
+    holds after a first step (models, data, the optimizer's state), over `steps` more steps."""
+    from kdlib.lm_trainer import LMDistillationTrainer
+
+    teacher, student, cached, online = _lm_setup(steps, topk)
+    source = cached if variant == "cached" else online
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = LMDistillationTrainer(
+            model=student,
+            args=_lm_args(tmp, variant != "clm"),
+            teacher_model=teacher if variant == "online" else None,
         )
+        optimizer = trainer.create_optimizer()
+        _train_step(trainer, student, optimizer, dict(source[0]), True)
+        reset_peak()
+        base = current_mb()
+        for batch in source[1 : steps + 1]:
+            _train_step(trainer, student, optimizer, dict(batch), True)
+        return {"peak_above_mb": peak_mb() - base}
 
+
+def lm_memory(topk: int = 64) -> dict[str, Any]:
+    """Peak step memory of online KD and cached top-k KD against the next-token step's."""
+    peaks = {v: in_own_process(lm_step_peak, v, topk)["peak_above_mb"] for v in ("clm", "online", "cached")}
+    return {
+        "peak_above_mb": peaks,
+        "online_over_clm": peaks["online"] / peaks["clm"],
+        "cached_over_clm": peaks["cached"] / peaks["clm"],
+    }
+
+
+def lm_steps(steps: int, topk: int = 64) -> dict[str, Any]:
+    from kdlib.lm import token_divergence, topk_forward_kl, topk_teacher
+    from kdlib.lm_trainer import LMDistillationTrainer
+
+    teacher, student, cached, online = _lm_setup(steps, topk)
+    models = {name: copy.deepcopy(student) for name in ("clm", "online", "cached")}
     with tempfile.TemporaryDirectory() as tmp:
         trainers = {
-            "clm": LMDistillationTrainer(model=models["clm"], args=args(tmp, False)),
+            "clm": LMDistillationTrainer(model=models["clm"], args=_lm_args(tmp, False)),
             "online": LMDistillationTrainer(
-                model=models["online"], args=args(tmp, True), teacher_model=teacher
+                model=models["online"], args=_lm_args(tmp, True), teacher_model=teacher
             ),
-            "cached": LMDistillationTrainer(model=models["cached"], args=args(tmp, True)),
+            "cached": LMDistillationTrainer(model=models["cached"], args=_lm_args(tmp, True)),
         }
         optimizers = {name: trainer.create_optimizer() for name, trainer in trainers.items()}
 
@@ -621,3 +663,201 @@ def layer_matrix(repeats: int = 3) -> dict[str, Any]:
             "gradient_max_relative_difference": _relative(old["grad_sample"], new["grad_sample"]),
         }
     return report
+
+
+# --- the layer-distillation step (chapter 2) -------------------------------------------------
+
+SENTENCE_BATCH = 32  # chapters 2 and 4: 32 sentences of at most 64 tokens per step
+
+
+def current_mb() -> float:
+    """Resident memory now (Linux), else the peak so far."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return peak_mb()
+
+
+def _sentence_batches(
+    columns: dict[str, list], pad_token_id: int, count: int, extra: dict | None = None
+) -> list:
+    """The first `count` batches of `SENTENCE_BATCH` examples of `columns`, padded per batch as
+    the chapters' collator pads them; `extra` (per-token teacher outputs) rides along."""
+    from kdlib.batching import FeatureDataset, PadCollator
+
+    dataset = FeatureDataset(columns, extra=extra)
+    collate = PadCollator(pad_token_id)
+    return [
+        collate([dataset[j] for j in range(i * SENTENCE_BATCH, (i + 1) * SENTENCE_BATCH)])
+        for i in range(count)
+    ]
+
+
+def layer_steps(steps: int) -> dict[str, Any]:
+    """Chapter 2's layer-distillation step on the teacher's cached outputs (the chapter's only
+    setting) against its limit, the student's own KD step returning its hidden states, in
+    float32 and under bf16 autocast. The layer step adds the learned width projection and the
+    `[4 x 6]` layer-loss matrix. Teacher MPNet-12 and student MiniLM-L6 as the chapter loads them
+    (the teacher not fine-tuned: the cost is the same). There is no online variant: MPNet's
+    vocabulary (30,527 ids) is not MiniLM's (30,522), so the trainer refuses a live teacher, and
+    the chapter computes the teacher's states once, with its own tokenizer.
+    """
+    from kdlib.cache import TeacherOutputCache
+    from kdlib.classification import encode, load_classifier
+    from kdlib.data import load_sst2
+    from kdlib.layer_distillation import (
+        LayerDistillationArguments,
+        LayerDistillationTrainer,
+        add_projection,
+        cached_teacher_states,
+    )
+    from kdlib.trainer import DistillationArguments, DistillationTrainer, quiet_arguments
+
+    class WithHidden(DistillationTrainer):
+        def forward_kwargs(self) -> dict[str, Any]:
+            return {"output_hidden_states": True}
+
+    torch.manual_seed(0)
+    teacher, _ = load_classifier("mpnet-12")
+    teacher.eval()
+    student, tokenizer = load_classifier("minilm-l6")
+    add_projection(student, teacher.config.hidden_size)
+    columns = encode(tokenizer, load_sst2("train")[: (steps + 1) * SENTENCE_BATCH], 64)
+    pad = tokenizer.pad_token_id
+    with tempfile.TemporaryDirectory() as tmp:
+        found = cached_teacher_states(teacher, columns, pad, TeacherOutputCache(tmp))
+        extra = {"teacher_hidden_states": found["teacher_hidden_states"]}
+        cached = _sentence_batches(
+            dict(columns, teacher_logits=found["teacher_logits"]), pad, steps + 1, extra
+        )
+
+        def arguments(cls: type, **extra_args: Any) -> Any:
+            return quiet_arguments(
+                cls,
+                output_dir=tmp,
+                temperature=2.0,
+                alpha_ce=0.9,
+                alpha_task=0.0,
+                use_cpu=not torch.cuda.is_available(),
+                **extra_args,
+            )
+
+        layer = dict(layer_weight=0.1, teacher_layers=[2, 5, 8, 11], matching="ordered")
+        names = ("student", "cached_layer", "student_bf16", "cached_layer_bf16")
+        models = {name: copy.deepcopy(student) for name in names}
+        trainers = {
+            "student": WithHidden(model=models["student"], args=arguments(DistillationArguments)),
+            "student_bf16": WithHidden(model=models["student_bf16"], args=arguments(DistillationArguments)),
+            "cached_layer": LayerDistillationTrainer(
+                model=models["cached_layer"], args=arguments(LayerDistillationArguments, **layer)
+            ),
+            "cached_layer_bf16": LayerDistillationTrainer(
+                model=models["cached_layer_bf16"], args=arguments(LayerDistillationArguments, **layer)
+            ),
+        }
+        optimizers = {name: trainer.create_optimizer() for name, trainer in trainers.items()}
+
+        def step(name: str, source: list[dict], bf16: bool = False) -> Callable[[int], Any]:
+            return lambda i: _train_step(
+                trainers[name], models[name], optimizers[name], dict(source[i % len(source)]), bf16
+            )
+
+        seconds = interleaved(
+            {
+                "student_step": step("student", cached),
+                "cached_layer_step": step("cached_layer", cached),
+                "student_step_bf16": step("student_bf16", cached, True),
+                "cached_layer_step_bf16": step("cached_layer_bf16", cached, True),
+            },
+            steps,
+        )
+    lengths = [b["input_ids"].shape[1] for b in cached]
+    return {
+        "seconds": seconds,
+        "cached_over_student_step": seconds["cached_layer_step"] / seconds["student_step"],
+        "cached_over_student_step_bf16": seconds["cached_layer_step_bf16"] / seconds["student_step_bf16"],
+        "bf16_speedup_cached_layer_step": seconds["cached_layer_step"] / seconds["cached_layer_step_bf16"],
+        "batches": f"{SENTENCE_BATCH} SST-2 sentences, padded lengths " + ", ".join(map(str, lengths)),
+    }
+
+
+# --- the module-replacement step (chapter 4) -------------------------------------------------
+
+
+def theseus_steps(steps: int) -> dict[str, Any]:
+    """Chapter 4's replacing steps against their limit: the predecessor's forward (inference) plus
+    the successor's own training step (the extracted 3-layer model, only its layers trainable).
+
+    Binary replacement at p = 0.5 runs, per group, either the successor (trained) or the frozen
+    predecessor layers, through which the gradient of every earlier successor must still flow
+    back; proportional add runs both in every group. Banking77, MiniLM-L6 as the chapter loads it
+    (its predecessor not fine-tuned: the cost is the same). Binary draws are seeded; each step's
+    median is over the same draws in every run of the benchmark.
+    """
+    from kdlib.classification import encode, load_classifier
+    from kdlib.data import load_banking77
+    from kdlib.theseus import (
+        BernoulliReplacement,
+        ProportionalAdd,
+        TheseusTrainer,
+        build_theseus,
+        extract_successor,
+    )
+    from kdlib.trainer import DistillationArguments, forward_inputs, quiet_arguments
+
+    torch.manual_seed(0)
+    predecessor, tokenizer = load_classifier("minilm-l6", 77)
+    predecessor.eval()
+    rows = load_banking77("train")[: (steps + 1) * SENTENCE_BATCH]
+    batches = _sentence_batches(encode(tokenizer, rows, 64), tokenizer.pad_token_id, steps + 1)
+    binary, proportional, successor = (copy.deepcopy(predecessor) for _ in range(3))
+    build_theseus(binary, 3, BernoulliReplacement(0.5))
+    build_theseus(proportional, 3, ProportionalAdd(0.5))
+    build_theseus(successor, 3, ProportionalAdd(0.5))
+    successor = extract_successor(successor)  # the successors alone, the rest frozen as in training
+    models = {"successor": successor, "binary": binary, "proportional": proportional}
+    with tempfile.TemporaryDirectory() as tmp:
+        args = quiet_arguments(
+            DistillationArguments,
+            output_dir=tmp,
+            alpha_ce=0.0,
+            alpha_task=1.0,
+            use_cpu=not torch.cuda.is_available(),
+        )
+        trainers = {name: TheseusTrainer(model=model, args=args) for name, model in models.items()}
+        optimizers = {name: trainer.create_optimizer() for name, trainer in trainers.items()}
+
+        def step(name: str) -> Callable[[int], Any]:
+            def call(i: int) -> None:
+                torch.manual_seed(i)  # the same coin flips for step i in every run
+                _train_step(
+                    trainers[name], models[name], optimizers[name], dict(batches[i % len(batches)]), False
+                )
+
+            return call
+
+        def forward(i: int) -> None:
+            with torch.inference_mode():
+                predecessor(**forward_inputs(predecessor, batches[i % len(batches)], labels=False))
+
+        seconds = interleaved(
+            {
+                "successor_step": step("successor"),
+                "predecessor_forward": forward,
+                "binary_step": step("binary"),
+                "proportional_step": step("proportional"),
+            },
+            steps,
+        )
+    limit = seconds["successor_step"] + seconds["predecessor_forward"]
+    return {
+        "seconds": seconds,
+        "binary_over_limit": seconds["binary_step"] / limit,
+        "proportional_over_limit": seconds["proportional_step"] / limit,
+        "binary_idle_steps": trainers["binary"].idle_steps,
+        "batches": f"{SENTENCE_BATCH} Banking77 queries, padded lengths "
+        + ", ".join(str(b["input_ids"].shape[1]) for b in batches),
+    }
