@@ -194,7 +194,7 @@ def test_ch2_compares_with_intervals_and_its_claims_read_them(ch2_metrics):
             "fixed-ordered/cofi-warmup vs kd-only", "fixed-min vs kd-only"} <= set(results["comparisons"])
     for c in results["comparisons"].values():
         assert c["low"] <= c["difference"] <= c["high"] and c["seeds"] == [2, 2]
-        assert c["relation"] == ch2.relation(c["low"], c["high"])
+        assert c["relation"] == ch2.relation(*ch2.deciding_interval(c))
     assert [claim["verdict"] for claim in ch2_metrics["claims"]] == [
         ch2.verdict_of(results["comparisons"][name]["relation"])
         for name in ("random-ordered vs fixed-ordered", "fixed-ordered/cofi-weights vs kd-only",

@@ -81,31 +81,48 @@ def test_ch2_compare_gives_welchs_and_the_paired_interval():
     from scipy import stats
 
     a, b = [80.0, 82.0, 84.0], [79.0, 80.0, 81.0]
-    c = ch2.compare(a, b)
+    c = ch2.compare(a, b, paired=True)
     # mean 82 - 80; variances 4 and 1 over 3 seeds; Welch's df = (5/3)^2 / ((4/3)^2/2 + (1/3)^2/2)
     assert c["difference"] == pytest.approx(2.0)
     assert c["se"] == pytest.approx((5 / 3) ** 0.5)
     half = stats.t.ppf(0.975, 50 / 17) * (5 / 3) ** 0.5
     assert (c["low"], c["high"]) == pytest.approx((2.0 - half, 2.0 + half))
-    assert c["relation"] == "undecided" and c["seeds"] == [3, 3]
+    assert c["seeds"] == [3, 3] and ch2.relation(c["low"], c["high"]) == "undecided"
     # per-seed differences 1, 2, 3: mean 2, sd 1, se 1/sqrt(3), t with 2 df
     half = stats.t.ppf(0.975, 2) / 3**0.5
     assert c["paired"]["se"] == pytest.approx(1 / 3**0.5)
     assert (c["paired"]["low"], c["paired"]["high"]) == pytest.approx((2.0 - half, 2.0 + half))
     assert c["paired"]["p"] < c["p"]  # the seed's luck cancels in the pairs
+    assert c["decided_by"] == "paired"
+    assert ch2.deciding_interval(c) == (c["paired"]["low"], c["paired"]["high"])
+    welch = ch2.compare(a, b)  # not paired: Welch decides, undecided
+    assert "paired" not in welch and welch["decided_by"] == "Welch" and welch["relation"] == "undecided"
+
+
+def test_ch2_seeds_that_move_every_strategy_alike_are_read_in_pairs():
+    """As in the ten-seed reference run: seeds spread over 4 points, the strategies within 0.5
+    of each other per seed. Welch cannot tell them apart within 1 point; the pairs can."""
+    fixed = [82.5, 81.4, 82.8, 82.2, 81.9, 81.9, 80.4, 78.9, 83.7, 82.5]
+    shifts = [0.1, -0.5, -0.1, 0.5, -0.1, -0.2, 0.0, 0.2, -0.1, -0.3]
+    random_ = [f + d for f, d in zip(fixed, shifts)]
+    c = ch2.compare(random_, fixed, paired=True)
+    assert ch2.relation(c["low"], c["high"]) == "undecided"  # Welch: about +-1.2
+    assert c["relation"] == "matches" and -0.3 < c["paired"]["low"] < c["paired"]["high"] < 0.3
 
 
 def test_ch2_compare_without_spread_is_certain_and_needs_two_seeds():
     same = ch2.compare([80.0, 80.0], [78.0, 78.0])
     assert (same["low"], same["high"], same["p"], same["relation"]) == (2.0, 2.0, 0.0, "beats")
     assert "paired" not in ch2.compare([80.0, 81.0, 82.0], [80.0, 81.0])  # different seed counts
+    with pytest.raises(ValueError, match="one seed on each side"):
+        ch2.compare([80.0, 81.0, 82.0], [80.0, 81.0], paired=True)
     with pytest.raises(ValueError, match="two seeds"):
         ch2.compare([80.0], [79.0, 81.0])
 
 
 def comparison(relation):
     return {"difference": 0.5, "se": 0.4, "low": -0.5, "high": 1.5, "p": 0.3, "relation": relation,
-            "seeds": [5, 5]}
+            "seeds": [5, 5], "decided_by": "Welch"}
 
 
 @pytest.mark.parametrize(
@@ -145,7 +162,7 @@ def ch2_record():
     runs |= {f"fixed-ordered/seed{i}/cofi-weights": {"accuracy": a} for i, a in enumerate((50.9, 51.2))}
     per_seed, seeds_of = ch2.seed_accuracies(params, runs)
     table = {n: {"mean": float(np.mean(v)), "seeds": seeds_of[n]} for n, v in per_seed.items()}
-    comparisons = ch2.comparisons(per_seed)
+    comparisons = ch2.comparisons(per_seed, seeds_of)
     results = {"runs": runs, "strategies": {k: v for k, v in table.items() if "/" not in k},
                "variants": {k: v for k, v in table.items() if "/" in k}, "comparisons": comparisons}
     return {"parameters": params, "results": results, "claims": ch2.claims(comparisons, 0.5)}
