@@ -16,9 +16,10 @@ step by step (the machine is noisy; only ratios taken together mean anything):
 - the student's own step (`--setting student`; chapter 1's, cached KD): float32 at the default
   thread count and at one thread, bf16 autocast, and `torch.compile`, with the span logits'
   largest difference from float32 eager: what a reference run may adopt without changing results;
-- layer distillation (chapter 2, `--setting layers`): the layer-distillation step against its
-  limit (online: the student's step returning hidden states + the teacher's forward; cached:
-  the student's step), float32 and bf16 autocast; and the layer-loss matrix, forward and
+- layer distillation (chapter 2, `--setting layers`): the layer-distillation step on the
+  teacher's cached states against its limit, the student's own step returning hidden states
+  (no online variant: MPNet's vocabulary is not MiniLM's), float32 and bf16 autocast; and the
+  layer-loss matrix, forward and
   backward, at the chapter's shape and at CoFi's: the former formulation, which held every
   pair's difference as one `[k, m, batch, seq, width]` tensor, against
   `kdlib.alignment.layer_loss_matrix`: time, peak memory, and the largest relative difference
