@@ -156,7 +156,9 @@ class _PairwiseMSE(torch.autograd.Function):
         return grad_teacher, grad_student, None
 
 
-def align(loss_matrix: torch.Tensor, method: str, existing: torch.Tensor | None = None) -> torch.Tensor:
+def align(
+    loss_matrix: torch.Tensor, method: str, existing: torch.Tensor | Sequence[bool] | None = None
+) -> torch.Tensor:
     """The student layer (index) matched to each chosen teacher layer (row), as a LongTensor.
 
     Pruned (non-existing) student layers are never matched. "ordered" keeps the layers' order:
@@ -164,17 +166,20 @@ def align(loss_matrix: torch.Tensor, method: str, existing: torch.Tensor | None 
     chosen above it, leaving enough layers below for the teacher layers still to match (so it
     always succeeds when there are as many existing student layers as teacher layers; CoFi's
     code instead fell back to repeating a layer, or to an index past the last).
+
+    "min" and "ordered" work on the loss matrix's device and never read it back to the host: the
+    alignment is made every training step, and a read would stall a GPU each time.
     """
     k, m = loss_matrix.shape
-    exists = existing if existing is not None else torch.ones(m, dtype=torch.bool)
-    if exists.shape != (m,):
-        raise ValueError(f"existing has shape {tuple(exists.shape)}, expected ({m},).")
-    available = torch.nonzero(exists).flatten().tolist()
+    flags = [True] * m if existing is None else [bool(x) for x in _host_list(existing)]
+    if len(flags) != m:
+        raise ValueError(f"existing has {len(flags)} entries, expected one per student layer ({m}).")
+    available = [j for j, flag in enumerate(flags) if flag]
     if not available:
         raise ValueError("no student layer exists to distil into.")
+    exists = torch.tensor(flags, device=loss_matrix.device)
     if method == "min":
-        masked = loss_matrix.masked_fill(~exists.to(loss_matrix.device), float("inf"))
-        return masked.argmin(dim=1)
+        return loss_matrix.masked_fill(~exists, float("inf")).argmin(dim=1)
     if method in ("one-to-one", "ordered", "reversed") and len(available) < k:
         raise ValueError(
             f"{method!r} matching needs one student layer per teacher layer: {k} teacher layers, "
@@ -185,15 +190,39 @@ def align(loss_matrix: torch.Tensor, method: str, existing: torch.Tensor | None 
     if method == "reversed":
         return torch.tensor(available[::-1][:k])
     if method == "ordered":
-        chosen: list[int] = []
-        below = m  # student layers at or above this index are taken
-        for row in range(k - 1, -1, -1):
-            candidates = [j for j in available if j < below and sum(a < j for a in available) >= row]
-            j = min(candidates, key=lambda c: float(loss_matrix[row, c]))
-            chosen.append(j)
-            below = j
-        return torch.tensor(chosen[::-1])
+        return _ordered(loss_matrix, exists)
     raise ValueError(f"method = {method!r}: choose one of {MATCHINGS}.")
+
+
+def _host_list(existing: torch.Tensor | Sequence[bool]) -> list:
+    if isinstance(existing, torch.Tensor):
+        if existing.dim() != 1:
+            raise ValueError(f"existing has shape {tuple(existing.shape)}: give one flag per student layer.")
+        return existing.tolist()
+    return list(existing)
+
+
+def _ordered(loss_matrix: torch.Tensor, exists: torch.Tensor) -> torch.Tensor:
+    """`align`'s "ordered" matching, one masked argmin per teacher layer, from the top down.
+
+    Student layer j may take teacher row r when it exists, lies below the layer chosen for row
+    r + 1, and has at least r existing layers below it (one for each row still to match). Ties
+    go to the lowest index. Every allowed loss is clamped below +inf, so an allowed layer always
+    wins over a disallowed one, even where the losses overflowed.
+    """
+    k, m = loss_matrix.shape
+    index = torch.arange(m, device=loss_matrix.device)
+    present = exists.long()
+    existing_below = torch.cumsum(present, 0) - present
+    finite_max = torch.finfo(loss_matrix.dtype).max
+    losses = loss_matrix.nan_to_num(nan=finite_max, posinf=finite_max)
+    bound = torch.tensor(m, device=loss_matrix.device)
+    chosen = []
+    for row in range(k - 1, -1, -1):
+        allowed = exists & (index < bound) & (existing_below >= row)
+        bound = losses[row].masked_fill(~allowed, float("inf")).argmin()
+        chosen.append(bound)
+    return torch.stack(chosen[::-1])
 
 
 def aligned_loss(loss_matrix: torch.Tensor, alignment: torch.Tensor) -> torch.Tensor:

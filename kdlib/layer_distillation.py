@@ -129,9 +129,13 @@ class LayerDistillationTrainer(DistillationTrainer):
             raise TypeError("LayerDistillationTrainer needs LayerDistillationArguments as `args`.")
         if not hasattr(self.model, PROJECTION):
             raise ValueError(f"the student has no {PROJECTION}: call add_projection(student, teacher_width).")
-        self.existing = existing_student_layers
+        # a host list, read once here: `align` then reads nothing from the device to apply it
+        existing = existing_student_layers
+        self.existing = None if existing is None else [bool(x) for x in existing.tolist()]
         self.generator = torch.Generator().manual_seed(self.args.seed)
-        self.alignment_log: list[dict[str, Any]] = []
+        # (step, teacher layers, alignment, loss matrix) per training step, the tensors left on
+        # the device until `alignment_log` is read: a read every step would stall a GPU each step
+        self._alignments: list[tuple[int, list[int], torch.Tensor, torch.Tensor]] = []
         self._teacher_depth: int | None = None
 
     def teacher_hidden(self, inputs: dict[str, Any]) -> torch.Tensor:
@@ -165,17 +169,22 @@ class LayerDistillationTrainer(DistillationTrainer):
         dtype = torch.promote_types(hidden.dtype, student_states[0].dtype)
         teacher_states = [hidden[:, :, layer].to(dtype) for layer in layers]
         matrix = layer_loss_matrix(teacher_states, student_states, inputs.get("attention_mask"))
-        alignment = align(matrix.detach().cpu(), args.matching, self.existing)
+        alignment = align(matrix.detach(), args.matching, self.existing)
         if self.model.training:
-            self.alignment_log.append(
-                {
-                    "step": self.state.global_step + 1,
-                    "teacher_layers": layers,
-                    "alignment": alignment.tolist(),
-                    "loss_matrix": matrix.detach().cpu().tolist(),
-                }
-            )
+            self._alignments.append((self.state.global_step + 1, layers, alignment, matrix.detach()))
         return aligned_loss(matrix, alignment)
+
+    @property
+    def alignment_log(self) -> list[dict[str, Any]]:
+        """Each training step's teacher layers, alignment and layer-loss matrix, as plain lists."""
+        if not self._alignments:
+            return []
+        alignments = torch.stack([a.to(m.device) for _, _, a, m in self._alignments]).cpu().tolist()
+        matrices = torch.stack([m for *_, m in self._alignments]).cpu().tolist()
+        return [
+            {"step": step, "teacher_layers": layers, "alignment": alignment, "loss_matrix": matrix}
+            for (step, layers, _, _), alignment, matrix in zip(self._alignments, alignments, matrices)
+        ]
 
     def forward_kwargs(self) -> dict[str, Any]:
         return {"output_hidden_states": True}

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -93,8 +91,14 @@ def quiet_arguments(cls: type[Arguments] = DistillationArguments, **kwargs: Any)
     return cls(**{**defaults, **kwargs})
 
 
+def _sum_dtype(device: torch.device) -> torch.dtype:
+    """float64 for the loss sums where the device has it (Apple's MPS has not)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 class LossNotFiniteError(FloatingPointError):
-    """A loss term became NaN or infinite; training stops with the step and term named."""
+    """A loss term became NaN or infinite; training stops at the next logging step (or the end),
+    naming the term and the step where it first appeared."""
 
 
 def check_same_tokenization(teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase) -> None:
@@ -210,7 +214,10 @@ class DistillationTrainer(Trainer):
             teacher_model.requires_grad_(False)
             teacher_model.eval()
             self.teacher = teacher_model.to(self.args.device)
-        self._terms: dict[str, float] = defaultdict(float)
+        # each term's running sum and its first non-finite step (0: none yet) and value, kept on
+        # the device: reading a number to the host every step would stall a GPU each step
+        self._terms: dict[str, torch.Tensor] = {}
+        self._nonfinite: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._term_batches = 0
 
     def _get_eval_sampler(self, eval_dataset: Any) -> torch.utils.data.Sampler | None:
@@ -301,23 +308,48 @@ class DistillationTrainer(Trainer):
         return {}
 
     def _record(self, **terms: torch.Tensor) -> None:
+        """Add this step's terms to their sums and note the first non-finite one, all on the device.
+
+        Nothing is read back here: `log` checks finiteness and reads the sums once per logging
+        step, so a NaN stops training at the next logging step (or the end), naming the step
+        where it first appeared.
+        """
+        step = self.state.global_step + 1
         for name, value in terms.items():
-            number = float(value.detach())
-            if not math.isfinite(number):
-                raise LossNotFiniteError(
-                    f"loss term {name!r} is {number} at step {self.state.global_step + 1}: lower "
-                    "the learning rate or temperature, or check the inputs of that batch."
-                )
+            value = value.detach().to(_sum_dtype(value.device))
+            at, seen = self._nonfinite.get(name) or (torch.zeros_like(value, dtype=torch.long), value)
+            first = ~torch.isfinite(value) & (at == 0)
+            self._nonfinite[name] = (torch.where(first, step, at), torch.where(first, value, seen))
             if name != "total":
-                self._terms[name] += number
+                self._terms[name] = self._terms[name] + value if name in self._terms else value
         self._term_batches += 1
 
+    def check_finite(self) -> None:
+        """Raise LossNotFiniteError for the earliest non-finite loss term recorded so far."""
+        if not self._nonfinite:
+            return
+        names = list(self._nonfinite)
+        steps = torch.stack([at for at, _ in self._nonfinite.values()]).tolist()
+        bad = [(at, name) for at, name in zip(steps, names) if at > 0]
+        if bad:
+            at, name = min(bad)
+            value = float(self._nonfinite[name][1])
+            raise LossNotFiniteError(
+                f"loss term {name!r} is {value} at step {at} (found at step "
+                f"{self.state.global_step}): lower the learning rate or temperature, or check the "
+                "inputs of that batch."
+            )
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        self.check_finite()
         if "loss" in logs and self._term_batches:
             names = sorted(self._terms)
-            totals = torch.tensor([self._terms[n] for n in names] + [self._term_batches], dtype=torch.float64)
+            sums = torch.stack([self._terms[n] for n in names])
+            batches = torch.tensor([self._term_batches], dtype=sums.dtype, device=sums.device)
+            totals = torch.cat([sums, batches])
             if self.args.world_size > 1:  # every process logs; report the terms over all of them
-                totals = self.accelerator.reduce(totals.to(self.args.device), reduction="sum").cpu()
+                totals = self.accelerator.reduce(totals.to(self.args.device), reduction="sum")
+            totals = totals.cpu().double()
             for name, total in zip(names, totals[:-1].tolist()):
                 logs[f"loss_{name}"] = round(total / float(totals[-1]), 6)
             self._terms.clear()

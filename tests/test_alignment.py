@@ -157,6 +157,37 @@ def test_ordered_alignment_never_runs_out_of_layers():
     assert align(loss, "ordered").tolist() == [0, 1, 2]
 
 
+def ordered_by_definition(loss: torch.Tensor, exists: list[bool]) -> list[int]:
+    """The ordered matching as its docstring states it, one Python loop over candidates."""
+    k, m = loss.shape
+    available = [j for j in range(m) if exists[j]]
+    chosen, below = [], m
+    for row in range(k - 1, -1, -1):
+        candidates = [j for j in available if j < below and sum(a < j for a in available) >= row]
+        below = min(candidates, key=lambda c: float(loss[row, c]))
+        chosen.append(below)
+    return chosen[::-1]
+
+
+def test_ordered_alignment_matches_its_definition_on_random_matrices_with_ties_and_gaps():
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        k, m = 1 + trial % 4, 4 + trial % 9
+        # values from a small set, so that ties are common: the lowest index must win them
+        loss = torch.randint(0, 4, (k, m), generator=generator).double()
+        exists = torch.rand(m, generator=generator) > 0.3
+        if int(exists.sum()) < k:
+            continue
+        got = align(loss, "ordered", exists).tolist()
+        assert got == ordered_by_definition(loss, exists.tolist()), (loss, exists)
+
+
+def test_ordered_alignment_keeps_to_allowed_layers_when_losses_overflow():
+    loss = torch.tensor([[float("inf"), float("inf"), float("nan")], [0.0, float("inf"), 1.0]])
+    assert align(loss, "ordered").tolist() == [0, 2]
+    assert align(loss, "ordered", torch.tensor([False, True, True])).tolist() == [1, 2]
+
+
 def test_one_to_one_and_reversed_controls():
     exists = torch.tensor([True, False, True, True])
     assert align(LOSS, "one-to-one").tolist() == [0, 1, 2]
