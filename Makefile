@@ -37,15 +37,21 @@ $(VENV)/.installed: requirements.txt requirements-nodeps.txt constraints.txt pyp
 book: setup
 	$(PY) -m bookrun build --profile $(PROFILE)
 
+# two test processes (pytest-xdist): one builds the smoke book (the longest chain) while the
+# other takes the rest; every process computes on one thread (tests/conftest.py). TEST_WORKERS=0
+# runs them in this one process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
+
 test: setup
 	$(VENV)/bin/ruff check kdlib bookrun bench tests book/experiments
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 # the unit tests alone (tiny models built from configs; no smoke book, no pretrained model), for
 # a contributor's edit-test loop
 test-fast: setup
 	$(VENV)/bin/ruff check kdlib bookrun bench tests book/experiments
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 chapter: setup
 	$(PY) -m bookrun run $(CH) --profile $(PROFILE) $(PARAMS)

@@ -12,7 +12,13 @@ import torch
 from kdlib.runtime import keep_freed_memory
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(2)
+# `make test` runs two pytest-xdist workers on this 2-core machine: each worker, and every
+# process it starts (the smoke book's kernels, the CLI runs), then computes on one thread. Two
+# processes of two threads each on two cores spin against each other: a first try ran the
+# suite several times slower than one process alone. A plain `pytest` run keeps two threads.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 keep_freed_memory()  # as the book and the benchmark run: see kdlib.runtime
 
 
@@ -25,6 +31,18 @@ def shared_data():
         if os.environ.get("CI"):
             pytest.fail(reason)
         pytest.skip(reason)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the group marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The tests that read the smoke book go first, as one pytest-xdist group (`--dist
+    loadgroup`): one worker builds the book once, the longest chain of the run, while the other
+    takes the remaining tests beside it."""
+    smoke = {id(item) for item in items if "smoke_book" in getattr(item, "fixturenames", ())}
+    for item in items:
+        if id(item) in smoke:
+            item.add_marker(pytest.mark.xdist_group("smoke_book"))
+    items.sort(key=lambda item: id(item) not in smoke)  # stable: each part keeps its order
 
 
 @pytest.fixture(scope="session")
