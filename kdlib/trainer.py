@@ -342,7 +342,7 @@ class DistillationTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         self.check_finite()
-        if "loss" in logs and self._term_batches:
+        if "loss" in logs and self._terms:
             names = sorted(self._terms)
             sums = torch.stack([self._terms[n] for n in names])
             batches = torch.tensor([self._term_batches], dtype=sums.dtype, device=sums.device)

@@ -83,15 +83,15 @@ def per_step_reads(make_trainer: Callable[[int], object]) -> tuple[float, list[s
 
 def common(tmp_path, steps: int, **overrides) -> dict:
     # logging only at the end: per-step bookkeeping must not read, a logging step may
-    return dict(
+    values = dict(
         output_dir=str(tmp_path),
         per_device_train_batch_size=2,
         max_steps=steps,
         logging_steps=1000,
         learning_rate=1e-3,
         seed=0,
-        **overrides,
     )
+    return values | overrides
 
 
 def classification_rows(n: int = 16) -> FeatureDataset:
@@ -112,8 +112,8 @@ def qa_trainer(tmp_path, tiny_qa_pair, tiny_tokenizer, cached: bool):
     _, ds = qa_dataset(tiny_tokenizer, logits)
 
     def make(steps: int) -> DistillationTrainer:
-        args = quiet_arguments(DistillationArguments, **common(tmp_path, steps, alpha_ce=0.5, alpha_task=0.5))
-        args.per_device_train_batch_size = 1
+        values = common(tmp_path, steps, alpha_ce=0.5, alpha_task=0.5, per_device_train_batch_size=1)
+        args = quiet_arguments(DistillationArguments, **values)
         return DistillationTrainer(
             model=student,
             teacher_model=None if cached else teacher,
