@@ -91,6 +91,23 @@ def _train_step(trainer: Any, model: torch.nn.Module, optimizer: Any, batch: dic
     return float(loss.detach())
 
 
+def precision_comparison(
+    seconds: dict[str, float], losses: dict[str, float], steps: tuple[str, ...]
+) -> dict[str, dict[str, float]]:
+    """Per step kind: bf16 autocast's speed-up over float32 (`<kind>_step` against
+    `<kind>_step_bf16` in `seconds`) and how far apart the two runs' losses are after the same
+    steps from the same weights (`<kind>` and `<kind>_bf16` in `losses`)."""
+    return {
+        kind: {
+            "speedup": seconds[f"{kind}_step"] / seconds[f"{kind}_step_bf16"],
+            "loss_fp32": losses[kind],
+            "loss_bf16": losses[f"{kind}_bf16"],
+            "loss_relative_difference": abs(losses[f"{kind}_bf16"] - losses[kind]) / abs(losses[kind]),
+        }
+        for kind in steps
+    }
+
+
 # --- QA (chapter 1) ----------------------------------------------------------------------------
 
 
@@ -545,7 +562,9 @@ def lm_steps(steps: int, topk: int = 64) -> dict[str, Any]:
     from kdlib.lm_trainer import LMDistillationTrainer
 
     teacher, student, cached, online = _lm_setup(steps, topk)
-    models = {name: copy.deepcopy(student) for name in ("clm", "online", "cached")}
+    names = ("clm", "online", "cached", "clm_fp32", "cached_fp32")
+    models = {name: copy.deepcopy(student) for name in names}
+    losses: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         trainers = {
             "clm": LMDistillationTrainer(model=models["clm"], args=_lm_args(tmp, False)),
@@ -553,6 +572,8 @@ def lm_steps(steps: int, topk: int = 64) -> dict[str, Any]:
                 model=models["online"], args=_lm_args(tmp, True), teacher_model=teacher
             ),
             "cached": LMDistillationTrainer(model=models["cached"], args=_lm_args(tmp, True)),
+            "clm_fp32": LMDistillationTrainer(model=models["clm_fp32"], args=_lm_args(tmp, False)),
+            "cached_fp32": LMDistillationTrainer(model=models["cached_fp32"], args=_lm_args(tmp, True)),
         }
         optimizers = {name: trainer.create_optimizer() for name, trainer in trainers.items()}
 
@@ -561,9 +582,12 @@ def lm_steps(steps: int, topk: int = 64) -> dict[str, Any]:
                 teacher(input_ids=online[i % len(online)]["input_ids"])
 
         def step(name: str, source: list[dict]) -> Callable[[int], Any]:
-            return lambda i: _train_step(
-                trainers[name], models[name], optimizers[name], source[i % len(source)], True
-            )
+            def call(i: int) -> None:
+                bf16 = not name.endswith("_fp32")
+                batch = source[i % len(source)]
+                losses[name] = _train_step(trainers[name], models[name], optimizers[name], batch, bf16)
+
+            return call
 
         seconds = interleaved(
             {
@@ -571,9 +595,19 @@ def lm_steps(steps: int, topk: int = 64) -> dict[str, Any]:
                 "teacher_forward_bf16": forward,
                 "online_kd_step": step("online", online),
                 "cached_topk_kd_step": step("cached", cached),
+                "clm_step_fp32": step("clm_fp32", online),
+                "cached_topk_kd_step_fp32": step("cached_fp32", cached),
             },
             steps,
         )
+    # the float32 variants' names end in _fp32: compare bf16 (the names without) against them
+    fp32 = {name.replace("_fp32", ""): value for name, value in seconds.items() if name.endswith("_fp32")}
+    bf16 = precision_comparison(
+        {**fp32, **{f"{n}_bf16": seconds[n] for n in fp32}},
+        {"clm": losses["clm_fp32"], "clm_bf16": losses["clm"]}
+        | {"cached_topk_kd": losses["cached_fp32"], "cached_topk_kd_bf16": losses["cached"]},
+        ("clm", "cached_topk_kd"),
+    )
     batch = online[0]["input_ids"]
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         t_logits, s_logits = teacher(input_ids=batch).logits.float(), student(input_ids=batch).logits.float()
@@ -592,6 +626,7 @@ def lm_steps(steps: int, topk: int = 64) -> dict[str, Any]:
         "online_over_limit": seconds["online_kd_step"]
         / (seconds["clm_step"] + seconds["teacher_forward_bf16"]),
         "cached_over_plain": seconds["cached_topk_kd_step"] / seconds["clm_step"],
+        "bf16": bf16,
         "cache_bytes_per_token": {"full_vocabulary_fp16": 2 * vocab, f"top{topk}": 6 * topk},
         "topk_keeps": kept,
     }
@@ -818,12 +853,16 @@ def theseus_steps(steps: int) -> dict[str, Any]:
     predecessor.eval()
     rows = load_banking77("train")[: (steps + 1) * SENTENCE_BATCH]
     batches = _sentence_batches(encode(tokenizer, rows, 64), tokenizer.pad_token_id, steps + 1)
-    binary, proportional, successor = (copy.deepcopy(predecessor) for _ in range(3))
-    build_theseus(binary, 3, BernoulliReplacement(0.5))
-    build_theseus(proportional, 3, ProportionalAdd(0.5))
-    build_theseus(successor, 3, ProportionalAdd(0.5))
-    successor = extract_successor(successor)  # the successors alone, the rest frozen as in training
-    models = {"successor": successor, "binary": binary, "proportional": proportional}
+    models = {}
+    for precision in ("", "_bf16"):  # each precision trains its own copies from the same weights
+        binary, proportional, successor = (copy.deepcopy(predecessor) for _ in range(3))
+        build_theseus(binary, 3, BernoulliReplacement(0.5))
+        build_theseus(proportional, 3, ProportionalAdd(0.5))
+        build_theseus(successor, 3, ProportionalAdd(0.5))
+        successor = extract_successor(successor)  # the successors alone, the rest frozen as in training
+        models |= {f"successor{precision}": successor, f"binary{precision}": binary}
+        models[f"proportional{precision}"] = proportional
+    losses: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         args = quiet_arguments(
             DistillationArguments,
@@ -837,10 +876,10 @@ def theseus_steps(steps: int) -> dict[str, Any]:
 
         def step(name: str) -> Callable[[int], Any]:
             def call(i: int) -> None:
-                torch.manual_seed(i)  # the same coin flips for step i in every run
-                _train_step(
-                    trainers[name], models[name], optimizers[name], dict(batches[i % len(batches)]), False
-                )
+                torch.manual_seed(i)  # the same coin flips and dropout for step i in every run
+                batch = dict(batches[i % len(batches)])
+                bf16 = name.endswith("_bf16")
+                losses[name] = _train_step(trainers[name], models[name], optimizers[name], batch, bf16)
 
             return call
 
@@ -863,12 +902,16 @@ def theseus_steps(steps: int) -> dict[str, Any]:
                 "predecessor_forward_backward": forward_backward,
                 "binary_step": step("binary"),
                 "proportional_step": step("proportional"),
+                "successor_step_bf16": step("successor_bf16"),
+                "binary_step_bf16": step("binary_bf16"),
+                "proportional_step_bf16": step("proportional_bf16"),
             },
             steps,
         )
     limit = seconds["successor_step"] + seconds["predecessor_forward"]
     return {
         "seconds": seconds,
+        "bf16": precision_comparison(seconds, losses, ("successor", "binary", "proportional")),
         "binary_over_limit": seconds["binary_step"] / limit,
         "proportional_over_limit": seconds["proportional_step"] / limit,
         "proportional_over_its_own_limit": seconds["proportional_step"]
