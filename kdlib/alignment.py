@@ -22,6 +22,7 @@ attention heads or its FFN remain (the code read heads only); and no depth is ha
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -177,7 +178,7 @@ def align(
     available = [j for j, flag in enumerate(flags) if flag]
     if not available:
         raise ValueError("no student layer exists to distil into.")
-    exists = torch.tensor(flags, device=loss_matrix.device)
+    exists = _device_mask(tuple(flags), loss_matrix.device)
     if method == "min":
         return loss_matrix.masked_fill(~exists, float("inf")).argmin(dim=1)
     if method in ("one-to-one", "ordered", "reversed") and len(available) < k:
@@ -192,6 +193,13 @@ def align(
     if method == "ordered":
         return _ordered(loss_matrix, exists)
     raise ValueError(f"method = {method!r}: choose one of {MATCHINGS}.")
+
+
+@functools.lru_cache(maxsize=64)
+def _device_mask(flags: tuple[bool, ...], device: torch.device) -> torch.Tensor:
+    """The existing-layer mask on `device`, made once: copying it there every step would, on a
+    GPU, wait for the queued work each time. Read only: callers never write to it."""
+    return torch.tensor(flags, device=device)
 
 
 def _host_list(existing: torch.Tensor | Sequence[bool]) -> list:
@@ -216,7 +224,7 @@ def _ordered(loss_matrix: torch.Tensor, exists: torch.Tensor) -> torch.Tensor:
     existing_below = torch.cumsum(present, 0) - present
     finite_max = torch.finfo(loss_matrix.dtype).max
     losses = loss_matrix.nan_to_num(nan=finite_max, posinf=finite_max)
-    bound = torch.tensor(m, device=loss_matrix.device)
+    bound: int | torch.Tensor = m  # the layer chosen for the row above (a tensor from the first row on)
     chosen = []
     for row in range(k - 1, -1, -1):
         allowed = exists & (index < bound) & (existing_below >= row)

@@ -136,6 +136,7 @@ class LayerDistillationTrainer(DistillationTrainer):
         # (step, teacher layers, alignment, loss matrix) per training step, the tensors left on
         # the device until `alignment_log` is read: a read every step would stall a GPU each step
         self._alignments: list[tuple[int, list[int], torch.Tensor, torch.Tensor]] = []
+        self._alignment_log: list[dict[str, Any]] = []  # the entries read so far, as lists
         self._teacher_depth: int | None = None
 
     def teacher_hidden(self, inputs: dict[str, Any]) -> torch.Tensor:
@@ -176,15 +177,17 @@ class LayerDistillationTrainer(DistillationTrainer):
 
     @property
     def alignment_log(self) -> list[dict[str, Any]]:
-        """Each training step's teacher layers, alignment and layer-loss matrix, as plain lists."""
-        if not self._alignments:
-            return []
-        alignments = torch.stack([a.to(m.device) for _, _, a, m in self._alignments]).cpu().tolist()
-        matrices = torch.stack([m for *_, m in self._alignments]).cpu().tolist()
-        return [
-            {"step": step, "teacher_layers": layers, "alignment": alignment, "loss_matrix": matrix}
-            for (step, layers, _, _), alignment, matrix in zip(self._alignments, alignments, matrices)
-        ]
+        """Each training step's teacher layers, alignment and layer-loss matrix, as plain lists
+        (the steps since the last read are brought to the host in one copy)."""
+        new = self._alignments[len(self._alignment_log) :]
+        if new:
+            alignments = torch.stack([a.to(m.device) for _, _, a, m in new]).cpu().tolist()
+            matrices = torch.stack([m for *_, m in new]).cpu().tolist()
+            self._alignment_log += [
+                {"step": step, "teacher_layers": layers, "alignment": alignment, "loss_matrix": matrix}
+                for (step, layers, _, _), alignment, matrix in zip(new, alignments, matrices)
+            ]
+        return self._alignment_log
 
     def forward_kwargs(self) -> dict[str, Any]:
         return {"output_hidden_states": True}

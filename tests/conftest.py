@@ -16,9 +16,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # process it starts (the smoke book's kernels, the CLI runs), then computes on one thread. Two
 # processes of two threads each on two cores spin against each other: a first try ran the
 # suite several times slower than one process alone. A plain `pytest` run keeps two threads.
-if os.environ.get("PYTEST_XDIST_WORKER"):
+UNDER_XDIST = "PYTEST_XDIST_WORKER" in os.environ
+if UNDER_XDIST:
     os.environ["OMP_NUM_THREADS"] = "1"
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+torch.set_num_threads(1 if UNDER_XDIST else 2)
 keep_freed_memory()  # as the book and the benchmark run: see kdlib.runtime
 
 

@@ -22,13 +22,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_layer_distillation import models as layer_models
+from test_layer_distillation import rows as layer_rows
 from test_lm_trainer import ROWS
 from test_trainer import dataset as qa_dataset
 from transformers import BertForSequenceClassification
 
 import kdlib
 from kdlib.batching import FeatureDataset, PadCollator
-from kdlib.layer_distillation import LayerDistillationArguments, LayerDistillationTrainer, add_projection
+from kdlib.layer_distillation import LayerDistillationArguments, LayerDistillationTrainer
 from kdlib.lm_trainer import LMDistillationArguments, LMDistillationTrainer
 from kdlib.theseus import BernoulliReplacement, ProportionalAdd, TheseusTrainer, build_theseus
 from kdlib.trainer import DistillationArguments, DistillationTrainer, quiet_arguments
@@ -94,12 +96,8 @@ def common(tmp_path, steps: int, **overrides) -> dict:
     return values | overrides
 
 
-def classification_rows(n: int = 16) -> FeatureDataset:
-    g = torch.Generator().manual_seed(1)
-    ids = [torch.randint(5, 30, (3 + i % 4,), generator=g).tolist() for i in range(n)]
-    return FeatureDataset(
-        {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids], "labels": [i % 2 for i in range(n)]}
-    )
+def classification_rows() -> FeatureDataset:
+    return FeatureDataset(layer_rows(16))
 
 
 def qa_trainer(tmp_path, tiny_qa_pair, tiny_tokenizer, cached: bool):
@@ -154,10 +152,7 @@ def lm_trainer(tmp_path, cached: bool):
 
 def layer_trainer(tmp_path, selection: str, matching: str):
     def make(steps: int) -> LayerDistillationTrainer:
-        torch.manual_seed(0)
-        teacher = BertForSequenceClassification(tiny_bert_config(layers=4, hidden=16)).eval()
-        student = BertForSequenceClassification(tiny_bert_config(layers=3, hidden=8))
-        add_projection(student, teacher.config.hidden_size)
+        teacher, student = layer_models()
         args = common(
             tmp_path,
             steps,
