@@ -175,8 +175,9 @@ def evaluate_zero_shot(
     Accuracies are fractions; `lambada` also gives `perplexity` (of its last word). `bf16` runs
     the model under bfloat16 autocast with log-softmax in float32 (as lm-eval's own options do).
     It is off by default: it pays only where the hardware computes in bfloat16 (a GPU, a CPU
-    with AMX or AVX512-BF16); elsewhere autocast emulates it, and scoring SmolLM2-135M on 100
-    piqa examples on a 2-core AVX2-only EPYC took about three times as long as in float32.
+    with AMX or AVX512-BF16); elsewhere autocast emulates it (on the project's AVX2-only EPYC a
+    training step of chapter 1's student took 14x as long under bf16: README, "What distillation
+    costs here").
     """
     check_tasks(tasks)
     if per_task is not None and per_task < 1:
