@@ -15,8 +15,15 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState
 
 from kdlib.config import ConfigError, check_choice, check_range
-from kdlib.lm import DIVERGENCES, lm_distillation_loss, perplexity, token_divergence
-from kdlib.trainer import DistillationArguments, DistillationTrainer, forward_inputs
+from kdlib.lm import (
+    DIVERGENCES,
+    TeacherHead,
+    body_and_head,
+    lm_distillation_loss,
+    perplexity,
+    token_divergence,
+)
+from kdlib.trainer import TEACHER_PREFIX, DistillationArguments, DistillationTrainer, forward_inputs
 
 TOPK_FIELDS = ("teacher_topk_indices", "teacher_topk_logprobs")
 
@@ -45,12 +52,27 @@ class LMDistillationTrainer(DistillationTrainer):
     The forward KL and the CLM term are computed together, a block of tokens at a time
     (`kdlib.lm.lm_distillation_loss`), not by the model's own loss: the student is run without
     labels. Reverse KL and JSD are computed whole, beside the blockwise CLM term.
+
+    Under the forward KL an online teacher is run to its last hidden states only, and its
+    logits are computed block by block inside the loss (`kdlib.lm.TeacherHead`), when its
+    logits are its output layer applied to those states (`kdlib.lm.body_and_head`, checked once
+    here); otherwise its whole logits are computed, as for the other divergences.
     """
 
-    def teacher_logits(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._teacher_parts = body_and_head(self.teacher) if self.teacher is not None else None
+
+    def teacher_logits(self, inputs: dict[str, Any]) -> dict[str, Any]:
         if all(name in inputs for name in TOPK_FIELDS):
             return {"topk_indices": inputs[TOPK_FIELDS[0]], "topk_logprobs": inputs[TOPK_FIELDS[1]]}
-        return super().teacher_logits(inputs)
+        cached = any(name.startswith(TEACHER_PREFIX) for name in inputs)
+        if self._teacher_parts is None or cached or self.args.divergence != "forward":
+            return super().teacher_logits(inputs)
+        body, head = self._teacher_parts
+        with torch.no_grad(), self.accelerator.autocast():
+            hidden = body(**forward_inputs(body, inputs, labels=False)).last_hidden_state
+        return {"logits": TeacherHead(hidden, head, self.accelerator.autocast)}
 
     def compute_loss(
         self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any
@@ -77,7 +99,7 @@ class LMDistillationTrainer(DistillationTrainer):
         loss, values = lm_distillation_loss(
             student,
             labels=inputs.get("labels"),
-            teacher_logits=teacher["logits"].to(student.device) if "logits" in teacher else None,
+            teacher_logits=_on(teacher.get("logits"), student.device),
             teacher_topk=(
                 (teacher["topk_indices"].to(student.device), teacher["topk_logprobs"].to(student.device))
                 if "topk_indices" in teacher
@@ -104,6 +126,11 @@ class LMDistillationTrainer(DistillationTrainer):
                 terms["task"] = values["clm"]
             self._record(**terms, total=loss)
         return (loss, outputs) if return_outputs else loss
+
+
+def _on(logits: torch.Tensor | TeacherHead | None, device: torch.device) -> torch.Tensor | TeacherHead | None:
+    """Teacher logits moved to the student's device (a `TeacherHead` moves each block itself)."""
+    return logits.to(device) if isinstance(logits, torch.Tensor) else logits
 
 
 class PerplexityCurve(TrainerCallback):

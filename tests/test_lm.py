@@ -8,7 +8,7 @@ import torch
 import kdlib.lm
 from kdlib.config import ConfigError
 from kdlib.data import DataError
-from kdlib.lm import lm_distillation_loss, token_divergence, topk_forward_kl, topk_teacher
+from kdlib.lm import TeacherHead, lm_distillation_loss, token_divergence, topk_forward_kl, topk_teacher
 from kdlib.lm_data import (
     gutenberg_body,
     load_lm_documents,
@@ -166,6 +166,29 @@ def test_kd_plus_clm_in_one_pass_equals_autograd_of_the_weighted_sum(small_block
     assert values["clm"].item() == pytest.approx(clm.item(), rel=1e-9)
     assert total.item() == pytest.approx(0.3 * kd.item() + 0.7 * clm.item(), rel=1e-9)
     assert torch.allclose(grad, student.grad, atol=1e-9, rtol=1e-7)
+
+
+def test_a_teacher_head_gives_the_loss_and_gradient_of_its_whole_logits(small_blocks):
+    """The teacher's logits computed block by block from hidden states and its output layer,
+    as an online teacher's are, give what the whole `[tokens x vocab]` tensor gives."""
+    torch.manual_seed(3)
+    head = torch.nn.Linear(8, 50, bias=False).double()
+    hidden = torch.randn(2, 5, 8, dtype=torch.float64)
+    student = torch.randn(2, 5, 50, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]).bool()
+    labels = torch.tensor([[3, 7, 1, 0, 9], [4, 4, 8, -100, -100]])
+    results = []
+    for teacher in (head(hidden).detach(), TeacherHead(hidden, head)):
+        total, values = lm_distillation_loss(
+            student, labels=labels, teacher_logits=teacher, mask=mask, alpha_ce=0.3, alpha_task=0.7
+        )
+        total.backward()
+        results.append((values["kd"].item(), student.grad.clone()))
+        student.grad = None
+    (whole_kd, whole_grad), (head_kd, head_grad) = results
+    assert head_kd == pytest.approx(whole_kd, rel=1e-12) and whole_kd > 0
+    assert torch.allclose(head_grad, whole_grad, rtol=1e-12, atol=1e-15)
+    assert TeacherHead(hidden, head).shape == (2, 5, 50)
 
 
 def test_a_zero_weight_drops_its_term():

@@ -5,7 +5,7 @@ import torch
 
 from kdlib.batching import FeatureDataset, PadCollator
 from kdlib.config import ConfigError
-from kdlib.lm import token_divergence, topk_forward_kl, topk_teacher
+from kdlib.lm import TeacherHead, body_and_head, token_divergence, topk_forward_kl, topk_teacher
 from kdlib.lm_trainer import LMDistillationArguments, LMDistillationTrainer
 from kdlib.trainer import quiet_arguments
 
@@ -61,6 +61,46 @@ def test_online_loss_is_the_weighted_sum_of_kd_and_clm(tmp_path, divergence):
     mask = inputs["attention_mask"].bool()
     kd = token_divergence(student_out.logits, teacher_logits, 2.0, mask, divergence)
     assert loss.item() == pytest.approx(0.5 * kd.item() + 0.5 * student_out.loss.item(), rel=1e-5)
+
+
+class ScaledLogits(torch.nn.Module):
+    """A causal LM whose logits are more than its output layer's (as a logit scale makes them)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    @property
+    def base_model(self):
+        return self.model.model
+
+    def get_output_embeddings(self):
+        return self.model.lm_head
+
+    def forward(self, input_ids, attention_mask=None):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        out.logits = out.logits * 0.5
+        return out
+
+
+def test_an_online_teacher_is_run_to_its_hidden_states_when_its_logits_are_its_head_s(tmp_path):
+    """Forward KL takes the teacher's logits block by block from its last hidden states; a
+    teacher whose forward does more keeps its whole logits, and both give the defined loss."""
+    inputs, _ = batch()
+    plain, scaled = llama(2, seed=0), ScaledLogits(llama(2, seed=0))
+    assert body_and_head(plain) == (plain.model, plain.lm_head)
+    assert body_and_head(scaled) is None
+    for teacher, blockwise in ((plain, True), (scaled, False)):
+        t = trainer(tmp_path, teacher=teacher)
+        assert isinstance(t.teacher_logits(inputs)["logits"], TeacherHead) == blockwise
+        loss = t.compute_loss(t.model.train(), inputs)
+        with torch.no_grad():
+            student_out = t.model(**inputs)
+            teacher_logits = teacher(inputs["input_ids"], inputs["attention_mask"]).logits
+        kd = token_divergence(student_out.logits, teacher_logits, 2.0, inputs["attention_mask"].bool())
+        assert loss.item() == pytest.approx(0.5 * kd.item() + 0.5 * student_out.loss.item(), rel=1e-5)
+    reverse = trainer(tmp_path, teacher=plain, divergence="reverse")
+    assert isinstance(reverse.teacher_logits(inputs)["logits"], torch.Tensor)
 
 
 def test_cached_topk_teacher_gives_the_bucketed_kl(tmp_path):
