@@ -11,6 +11,8 @@ from papermill.exceptions import PapermillExecutionError
 
 from bookrun.chapters import CHAPTERS, PROFILES, get_chapter
 from kdlib.config import ConfigError
+from kdlib.hub import HubUnavailableError
+from kdlib.registry import ModelNotAvailableError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             execute.run_chapter(get_chapter(args.chapter), args.profile, overrides, args.output_dir)
         else:
             execute.build(args.profile, args.chapters, execute_chapters=not args.no_execute)
-    except ConfigError as err:
+    except (ConfigError, HubUnavailableError, ModelNotAvailableError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except PapermillExecutionError as err:

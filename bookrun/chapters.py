@@ -19,6 +19,8 @@ class Chapter:
     stem: str
     config: str
     """`module:Class` of the dataclass whose fields are the chapter's parameters."""
+    models: tuple[str, ...] = ()
+    """The parameters that name a model (a registry name, a folder or a hub id)."""
 
     @property
     def source(self) -> Path:
@@ -35,10 +37,25 @@ class Chapter:
 CHAPTERS: dict[str, Chapter] = {
     c.key: c
     for c in (
-        Chapter("ch1", "ch1_distilbert_squad", "experiments.ch1_distilbert_squad:SquadDistillationConfig"),
-        Chapter("ch2", "ch2_layer_distillation", "experiments.ch2_layer_distillation:LayerExperimentConfig"),
-        Chapter("ch3", "ch3_distilpythia", "experiments.ch3_distilpythia:LMExperimentConfig"),
-        Chapter("ch4", "ch4_theseus", "experiments.ch4_theseus:TheseusExperimentConfig"),
+        Chapter(
+            "ch1",
+            "ch1_distilbert_squad",
+            "experiments.ch1_distilbert_squad:SquadDistillationConfig",
+            ("teacher", "student"),
+        ),
+        Chapter(
+            "ch2",
+            "ch2_layer_distillation",
+            "experiments.ch2_layer_distillation:LayerExperimentConfig",
+            ("teacher", "student"),
+        ),
+        Chapter(
+            "ch3",
+            "ch3_distilpythia",
+            "experiments.ch3_distilpythia:LMExperimentConfig",
+            ("teacher", "student"),
+        ),
+        Chapter("ch4", "ch4_theseus", "experiments.ch4_theseus:TheseusExperimentConfig", ("predecessor",)),
     )
 }
 

@@ -118,6 +118,7 @@ def run_chapter(chapter: Chapter, profile: str, overrides: dict[str, Any], outpu
     parameters = resolve(chapter, profile, overrides, output_dir)
     ensure_writable(output_dir)
     offline_unless_paper(profile)
+    teachers.check_hub_models([(chapter, parameters)])
     teachers.ensure_teachers([(chapter, parameters)])
     notebook = output_dir / f"{chapter.stem}.ipynb"
     seconds = execute(chapter, parameters, notebook)
@@ -131,6 +132,7 @@ def build(profile: str, keys: list[str] | None = None, execute_chapters: bool = 
     planned = {c.key: resolve(c, profile, None, outputs_dir(c, profile).resolve()) for c in chapters}
     offline_unless_paper(profile)
     if execute_chapters:
+        teachers.check_hub_models((c, planned[c.key]) for c in chapters)
         teachers.ensure_teachers((c, planned[c.key]) for c in chapters)
     if SOURCE_TREE.exists():
         shutil.rmtree(SOURCE_TREE)

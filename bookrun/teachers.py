@@ -5,6 +5,10 @@ $KDLIB_MODELS_DIR. A reader without that folder would otherwise get, at chapter 
 telling them to run a 40-minute command by hand: instead the build says what is missing and how
 long it will take, trains it with its recorded recipe (`experiments.ch1_teacher`, the same as
 `make teacher`) into the cache with its sha256 stamp, and goes on. Later runs find it there.
+
+A model named by its hub id is looked up before the first kernel starts (`check_hub_models`), so
+that a run which needs the hub and cannot reach it stops in seconds, saying which model, rather
+than after a kernel's start and the chapter's first cells.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any
 
 from bookrun.chapters import Chapter
 from bookrun.params import chapter_config
-from kdlib.registry import FINE_TUNED, ModelNotAvailableError, resolve_model
+from kdlib.registry import FINE_TUNED, REGISTRY, ModelNotAvailableError, resolve_model
 
 EXPECTED_MINUTES = {"minilm-l6-squad": 40}
 """Measured on 2 CPU cores with the recipe's 1,000 steps (`experiments.ch1_teacher`)."""
@@ -30,6 +34,18 @@ def named_teachers(runs: Iterable[tuple[Chapter, dict[str, Any]]]) -> list[str]:
         config = chapter_config(chapter, **parameters)
         names |= {value for value in vars(config).values() if isinstance(value, str) and value in FINE_TUNED}
     return sorted(names)
+
+
+def check_hub_models(runs: Iterable[tuple[Chapter, dict[str, Any]]]) -> None:
+    """Raise `kdlib.hub.HubUnavailableError` (or `ModelNotAvailableError` for a folder that is
+    not there) if a model the runs name must come from the hub and the hub does not answer.
+    Registry names and fine-tuned teachers are left to the run: they never need the hub."""
+    for chapter, parameters in runs:
+        config = chapter_config(chapter, **parameters)
+        for name in chapter.models:
+            value = getattr(config, name)
+            if value not in REGISTRY and value not in FINE_TUNED:
+                resolve_model(value)
 
 
 def missing_teachers(runs: Iterable[tuple[Chapter, dict[str, Any]]]) -> list[str]:
