@@ -28,7 +28,6 @@ states (`TeacherHead`), for a teacher whose logits are its output layer applied 
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -58,10 +57,10 @@ def _kl_from_logs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 CHUNK_ELEMENTS = 1 << 20
 """Logits per block of `_BlockwiseTokenLoss` (4 MB in float32): small enough to stay in cache."""
 
-TokenTerm = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-"""(flat indices of a block of token rows, their logits in float32, or float64 if given) -> (the
-term's weighted sum over those rows, its gradient with respect to those logits). A term must not
-change the logits."""
+TokenTerm = Callable[[torch.Tensor, slice, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""(the flat indices of every token row the loss counts, the block's span of them, the block's
+logits in float32, or float64 if given) -> (the term's weighted sum over the block's rows, its
+gradient with respect to those logits). A term must not change the logits."""
 
 
 class _BlockwiseTokenLoss(torch.autograd.Function):
@@ -87,11 +86,12 @@ class _BlockwiseTokenLoss(torch.autograd.Function):
         sums = {name: torch.zeros((), dtype=dtype, device=flat.device) for name in terms}
         step = max(1, CHUNK_ELEMENTS // flat.shape[-1])
         for begin in range(0, rows.numel(), step):
-            block = rows[begin : begin + step]
+            span = slice(begin, begin + step)
+            block = rows[span]
             logits = flat.index_select(0, block).to(dtype)
             block_grad = None
             for name, (weight, term) in terms.items():
-                value, term_grad = term(block, logits)
+                value, term_grad = term(rows, span, logits)
                 sums[name] += value
                 term_grad = term_grad.mul_(weight) if weight != 1 else term_grad
                 block_grad = term_grad if block_grad is None else block_grad.add_(term_grad)
@@ -138,12 +138,17 @@ def _mean_weights(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class TeacherHead:
-    """A teacher's token logits, computed a block of rows at a time from its last hidden states
-    and its output layer when the loss asks for them, so that the `[tokens x vocab]` tensor is
-    never held whole (for SmolLM2 at 8 x 128 tokens, 100 MB in bfloat16: a third more than the
-    student's whole step holds). `context` is entered around each block: the autocast the
-    teacher's forward ran under, so the logits are those the whole forward would give.
+    """A teacher's token logits, computed from its last hidden states and its output layer a
+    few hundred rows at a time as the loss reaches them, so that the `[tokens x vocab]` tensor
+    is never held whole (for SmolLM2 at 8 x 128 tokens, 100 MB in bfloat16 against 50 MB for
+    one pass). `context` is entered around each pass: the autocast the teacher's forward ran
+    under, so the logits are those the whole forward would give.
     """
+
+    ROWS_PER_PASS = 512
+    """Rows the output layer is applied to at once. The loss's blocks are a few dozen rows, and
+    applying the layer to each alone made chapter 3's online step 1.30x its limit (`make bench`,
+    against 1.06 with the whole logits); 256 rows a pass 1.12x, 512 1.05x."""
 
     def __init__(
         self,
@@ -159,6 +164,20 @@ class TeacherHead:
         """The logits of the given flat token rows, on the device `rows` are on."""
         with torch.no_grad(), self.context():
             return self.head(self.hidden.index_select(0, rows.to(self.hidden.device))).to(rows.device)
+
+    def reader(self) -> Callable[[torch.Tensor, slice], torch.Tensor]:
+        """`read(kept, span)`: the logits of rows `kept[span]`, computed `ROWS_PER_PASS` of the
+        kept rows at a time from the first block of a pass on (one loss's blocks, in order)."""
+        passed: dict[str, Any] = {"start": 0, "stop": 0}
+
+        def read(kept: torch.Tensor, span: slice) -> torch.Tensor:
+            start, stop = span.start, min(span.stop, kept.numel())
+            if not passed["start"] <= start < stop <= passed["stop"]:
+                end = min(kept.numel(), start + max(self.ROWS_PER_PASS, stop - start))
+                passed.update(start=start, stop=end, logits=self.rows(kept[start:end]))
+            return passed["logits"][start - passed["start"] : stop - passed["start"]]
+
+        return read
 
 
 def body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
@@ -182,15 +201,19 @@ def _forward_kl_term(
 ) -> TokenTerm:
     """T^2 KL(p || q) against the teacher's full distribution; its gradient is T (q - p)."""
     if isinstance(teacher, TeacherHead):
-        teacher_rows = teacher.rows
+        teacher_rows = teacher.reader()
     else:
-        teacher_rows = functools.partial(teacher.reshape(-1, teacher.shape[-1]).index_select, 0)
+        flat = teacher.reshape(-1, teacher.shape[-1])
+
+        def teacher_rows(kept: torch.Tensor, span: slice) -> torch.Tensor:
+            return flat.index_select(0, kept[span])
+
     floor = torch.finfo(torch.float32).min  # a -inf teacher logit: p = 0 and 0 * log 0 = 0
 
-    def term(rows: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        w = weights.index_select(0, rows)
+    def term(kept: torch.Tensor, span: slice, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = weights.index_select(0, kept[span])
         log_q = F.log_softmax(logits / temperature, dim=-1)
-        log_p = F.log_softmax(teacher_rows(rows).to(logits.dtype).div_(temperature), dim=-1)
+        log_p = F.log_softmax(teacher_rows(kept, span).to(logits.dtype).div_(temperature), dim=-1)
         p = log_p.clamp_min_(floor).exp()
         per_token = (p * (log_p - log_q)).sum(-1)
         value = temperature**2 * torch.where(w > 0, per_token * w, 0.0).sum()
@@ -208,7 +231,8 @@ def _topk_forward_kl_term(
     index_flat = indices.reshape(-1, k)
     log_p_flat = teacher_log_probs.reshape(-1, k)
 
-    def term(rows: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def term(kept: torch.Tensor, span: slice, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = kept[span]
         w = weights.index_select(0, rows)
         index = index_flat.index_select(0, rows).long()
         log_p = log_p_flat.index_select(0, rows).to(logits.dtype)
@@ -229,7 +253,8 @@ def _topk_forward_kl_term(
 def _next_token_term(targets: torch.Tensor, weights: torch.Tensor) -> TokenTerm:
     """Cross-entropy of each row's next token (-100: none); its gradient is softmax - one-hot."""
 
-    def term(rows: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def term(kept: torch.Tensor, span: slice, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = kept[span]
         w = weights.index_select(0, rows)
         target = targets.index_select(0, rows).clamp_min(0)[:, None]
         log_q = F.log_softmax(logits, dim=-1)

@@ -168,9 +168,11 @@ def test_kd_plus_clm_in_one_pass_equals_autograd_of_the_weighted_sum(small_block
     assert torch.allclose(grad, student.grad, atol=1e-9, rtol=1e-7)
 
 
-def test_a_teacher_head_gives_the_loss_and_gradient_of_its_whole_logits(small_blocks):
+def test_a_teacher_head_gives_the_loss_and_gradient_of_its_whole_logits(small_blocks, monkeypatch):
     """The teacher's logits computed block by block from hidden states and its output layer,
-    as an online teacher's are, give what the whole `[tokens x vocab]` tensor gives."""
+    as an online teacher's are, give what the whole `[tokens x vocab]` tensor gives (passes of
+    4 rows against blocks of 3: a block can straddle two passes)."""
+    monkeypatch.setattr(TeacherHead, "ROWS_PER_PASS", 4)
     torch.manual_seed(3)
     head = torch.nn.Linear(8, 50, bias=False).double()
     hidden = torch.randn(2, 5, 8, dtype=torch.float64)
