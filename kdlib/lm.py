@@ -21,8 +21,9 @@ pass (`_BlockwiseTokenLoss`). Written as plain tensor algebra, autograd keeps se
 model's own loss makes another float32 copy of the logits; on a CPU, allocating and faulting
 them in cost more than the teacher's forward pass. Padding tokens are skipped, not computed and
 masked.
-An online teacher's logits are computed the same way, a block at a time from its last hidden
-states (`TeacherHead`), for a teacher whose logits are its output layer applied to those states.
+An online teacher's logits are never held whole either: the teacher runs to its last hidden
+states, and its output layer is applied a few hundred tokens at a time as the loss reaches them
+(`TeacherHead`), for a teacher whose logits are that layer applied to those states.
 """
 
 from __future__ import annotations
@@ -147,8 +148,8 @@ class TeacherHead:
 
     ROWS_PER_PASS = 512
     """Rows the output layer is applied to at once. The loss's blocks are a few dozen rows, and
-    applying the layer to each alone made chapter 3's online step 1.30x its limit (`make bench`,
-    against 1.06 with the whole logits); 256 rows a pass 1.12x, 512 1.05x."""
+    applying the layer to each alone made chapter 3's online step 1.30x its limit (`python -m
+    bench --setting lm`, against 1.06 with the whole logits); 256 rows a pass 1.12x, 512 1.05x."""
 
     def __init__(
         self,
@@ -185,7 +186,8 @@ def body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Mod
     are exactly the output layer applied to those states, as checked on a four-token probe
     in float32; None for a model whose forward does more (a logit soft-cap or scale), or whose
     parts cannot be told apart."""
-    body, head = getattr(model, "base_model", model), model.get_output_embeddings()
+    output_layer = getattr(model, "get_output_embeddings", None)
+    body, head = getattr(model, "base_model", model), output_layer() if output_layer else None
     if body is model or not isinstance(head, torch.nn.Linear):
         return None
     device = head.weight.device
