@@ -39,12 +39,13 @@ def named_teachers(runs: Iterable[tuple[Chapter, dict[str, Any]]]) -> list[str]:
 def check_hub_models(runs: Iterable[tuple[Chapter, dict[str, Any]]]) -> None:
     """Raise `kdlib.hub.HubUnavailableError` (or `ModelNotAvailableError` for a folder that is
     not there) if a model the runs name must come from the hub and the hub does not answer.
-    Registry names and fine-tuned teachers are left to the run: they never need the hub."""
+    Registry names, fine-tuned teachers and empty values are left to the run: they never need
+    the hub."""
     for chapter, parameters in runs:
         config = chapter_config(chapter, **parameters)
         for name in chapter.models:
-            value = getattr(config, name)
-            if value not in REGISTRY and value not in FINE_TUNED:
+            value = getattr(config, name)  # "" names no model (chapter 3: a cut of the teacher)
+            if value and value not in REGISTRY and value not in FINE_TUNED:
                 resolve_model(value)
 
 

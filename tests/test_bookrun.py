@@ -190,3 +190,28 @@ def test_the_fine_tuned_teachers_a_build_needs_are_the_ones_its_parameters_name(
     assert named_teachers([(CH1, resolve(CH1, "paper"))]) == []  # a hub id: nothing to train here
     assert named_teachers([(CH1, {"teacher": "minilm-l6"})]) == []
     assert named_teachers([(ch3, {}), (CH1, {}), (CH1, {"profile": "smoke"})]) == ["minilm-l6-squad"]
+
+
+def test_only_hub_models_are_looked_up_before_a_run(monkeypatch):
+    """Offline (as the tests run), every profile but `paper` names no model the hub must give,
+    an empty model (chapter 3's student: a cut of the teacher) included; each paper profile's
+    first hub model stops it before a kernel starts, named in the error."""
+    import kdlib.registry
+    from bookrun.teachers import check_hub_models
+    from kdlib.hub import HubUnavailableError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # registry names resolve without converting anything here: none may reach resolve_model
+    looked_up = []
+    monkeypatch.setattr("bookrun.teachers.resolve_model", lambda name: looked_up.append(name) or name)
+    for chapter in CHAPTERS.values():
+        for profile in ("smoke", "default", "reference"):
+            if chapter.params_file(profile).exists():
+                check_hub_models([(chapter, resolve(chapter, profile))])
+    assert looked_up == []
+    monkeypatch.setattr("bookrun.teachers.resolve_model", kdlib.registry.resolve_model)
+    for chapter in CHAPTERS.values():
+        paper = resolve(chapter, "paper")
+        first = next(paper[name] for name in chapter.models if paper.get(name))
+        with pytest.raises(HubUnavailableError, match=f"model '{first}'"):
+            check_hub_models([(chapter, paper)])
