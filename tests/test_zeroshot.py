@@ -8,6 +8,7 @@ own log-probabilities.
 
 import json
 import math
+import subprocess
 
 import pytest
 import torch
@@ -141,6 +142,21 @@ def test_subsets_are_seeded_and_shared_across_models(lm, data_dir):
         model, tokenizer, ["lambada"], per_task=2, seed=1, bf16=False, data_dir=data_dir
     )
     assert first == again and first["lambada"]["n"] == 2
+
+
+def test_scoring_starts_no_subprocess(lm, data_dir, monkeypatch):
+    """lm-eval's `simple_evaluate` probes the machine for its report on every call (`pip list`
+    through torch's environment probe, and `git`): seconds per model scored, for nothing read."""
+    model, tokenizer = lm
+    started, popen = [], subprocess.Popen
+
+    def recording(args, *rest, **kwargs):
+        started.append(args)
+        return popen(args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", recording)
+    scores = evaluate_zero_shot(model, tokenizer, ["piqa"], per_task=2, bf16=False, data_dir=data_dir)
+    assert scores["piqa"]["n"] == 2 and started == []
 
 
 def test_task_configs_use_the_local_file_and_lm_eval_prompts(tmp_path):
