@@ -251,6 +251,24 @@ def test_ch2_logs_layer_and_kd_terms(ch2_metrics):
     assert ch2_metrics["teacher_cache_mb"] > 0 and cache["hits"] + cache["misses"] == 1  # one lookup
 
 
+def test_ch2_probe_takes_both_weightings_from_the_same_first_step(ch2_metrics):
+    """The probe's two weightings start from the same student on the same batch: their first
+    step's terms and gradients differ by the weights alone; each runs the steps asked for."""
+    probe, steps = ch2_metrics["results"]["loss_terms"], ch2_metrics["parameters"]["probe_steps"]
+    assert set(probe) == {"cofi", "chapter"}
+    assert (probe["cofi"]["layer_weight"], probe["cofi"]["alpha_ce"]) == (0.9, 0.1)
+    first = {}
+    for name, run in probe.items():
+        assert [row["step"] for row in run["steps"]] == list(range(1, steps + 1))
+        assert all(-1 <= row["cosine_shared"] <= 1 for row in run["steps"])
+        weight = {"layer": run["layer_weight"], "kd": run["alpha_ce"]}
+        first[name] = {key: run["steps"][0][key] / weight[key.split("_")[0]]
+                       for key in ("kd", "layer", "kd_grad_shared", "layer_grad_shared")}
+    assert first["cofi"] == pytest.approx(first["chapter"], rel=1e-4)
+    cosines = [run["steps"][0]["cosine_shared"] for run in probe.values()]
+    assert cosines[0] == pytest.approx(cosines[1], abs=1e-4)
+
+
 @pytest.fixture(scope="module")
 def ch4_metrics(smoke_book):
     return smoke_metrics(smoke_book, "ch4")
@@ -266,7 +284,7 @@ def test_ch4_runs_every_method_and_seed(ch4_metrics):
         assert summary["mean"] == pytest.approx(sum(accs) / 2)
         assert summary["min"] == min(accs) and summary["max"] == max(accs)
         assert all(0 <= a <= 100 for a in accs)
-    assert ch4_metrics["data"]["classes"] == 77 and ch4_metrics["data"]["eval_examples"] == 128
+    assert ch4_metrics["data"]["classes"] == 77 and ch4_metrics["data"]["eval_examples"] == 32
     assert results["predecessor"]["layers"] == 6
 
 
