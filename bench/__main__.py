@@ -28,7 +28,8 @@ step by step (the machine is noisy; only ratios taken together mean anything):
   proportional add, against the predecessor's forward + the successor's own step;
 - causal LM (chapter 3: SmolLM2-135M teacher, 24-layer student, 8 x 128 packed WikiText, bf16):
   online KD step / (CLM step + teacher forward); cached top-k KD step / CLM step; each step's
-  peak memory against the CLM step's (each in its own process); the cache's size per token, and
+  peak memory against the CLM step's (each in its own process), as the peak resident memory and
+  as the peak of the tensors alive at once (exact: no allocator slack); the cache's size per token, and
   how much of the full-vocabulary KL a top-k cache keeps.
 
 Prints a report and writes it as JSON (`--json`). Needs the data mirror and the offline models

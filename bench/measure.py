@@ -51,6 +51,28 @@ def current_mb() -> float:
     return now if now is not None else peak_mb()
 
 
+def tensor_peak_mb(call: Callable[[], Any]) -> float:
+    """Peak MB of the tensors `call()` holds at once beyond those alive before it, summed from
+    the profiler's record of every allocation and free. Unlike the resident-memory peak it counts
+    no allocator slack, so it reads the same on every run."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call()
+    events, todo = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while todo:
+        event = todo.pop()
+        todo.extend(event.children)
+        if event.tag == _EventType.Allocation:
+            events.append((event.start_time_ns, event.extra_fields.alloc_size))
+    live = peak = 0
+    for _, size in sorted(events):
+        live += size
+        peak = max(peak, live)
+    return peak / 2**20
+
+
 def interleaved(variants: dict[str, Callable[[int], Any]], steps: int, warmup: int = 1) -> dict[str, float]:
     """Median seconds per call of each variant, called in turn on step i = 0, 1, ... ."""
     times: dict[str, list[float]] = {name: [] for name in variants}
@@ -543,16 +565,23 @@ def lm_step_peak(variant: str, topk: int = 64, steps: int = 2) -> dict[str, Any]
         base = current_mb()
         for batch in source[1 : steps + 1]:
             _train_step(trainer, student, optimizer, dict(batch), True)
-        return {"peak_above_mb": peak_mb() - base}
+        rss = peak_mb() - base
+        tensors = tensor_peak_mb(lambda: _train_step(trainer, student, optimizer, dict(source[1]), True))
+        return {"peak_above_mb": rss, "tensor_peak_mb": tensors}
 
 
 def lm_memory(topk: int = 64) -> dict[str, Any]:
     """Peak step memory of online KD and cached top-k KD against the next-token step's."""
-    peaks = {v: in_own_process(lm_step_peak, v, topk)["peak_above_mb"] for v in ("clm", "online", "cached")}
+    runs = {v: in_own_process(lm_step_peak, v, topk) for v in ("clm", "online", "cached")}
+    peaks = {v: run["peak_above_mb"] for v, run in runs.items()}
+    tensors = {v: run["tensor_peak_mb"] for v, run in runs.items()}
     return {
         "peak_above_mb": peaks,
         "online_over_clm": peaks["online"] / peaks["clm"],
         "cached_over_clm": peaks["cached"] / peaks["clm"],
+        "tensor_peak_mb": tensors,
+        "tensors_online_over_clm": tensors["online"] / tensors["clm"],
+        "tensors_cached_over_clm": tensors["cached"] / tensors["clm"],
     }
 
 
