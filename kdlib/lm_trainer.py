@@ -62,6 +62,7 @@ class LMDistillationTrainer(DistillationTrainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._teacher_parts = body_and_head(self.teacher) if self.teacher is not None else None
+        self._teacher_head_casts: dict[Any, torch.Tensor] = {}  # its output layer under autocast
 
     def teacher_logits(self, inputs: dict[str, Any]) -> dict[str, Any]:
         if all(name in inputs for name in TOPK_FIELDS):
@@ -72,7 +73,7 @@ class LMDistillationTrainer(DistillationTrainer):
         body, head = self._teacher_parts
         with torch.no_grad(), self.accelerator.autocast():
             hidden = body(**forward_inputs(body, inputs, labels=False)).last_hidden_state
-        return {"logits": TeacherHead(hidden, head, self.accelerator.autocast)}
+        return {"logits": TeacherHead(hidden, head, self.accelerator.autocast, self._teacher_head_casts)}
 
     def compute_loss(
         self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any

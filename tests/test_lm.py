@@ -287,3 +287,27 @@ def test_lm_data_bad_inputs_are_named(tmp_path):
         load_lm_documents("wikitext2-test", tmp_path)
     with pytest.raises(DataError, match="lacks lm/gutenberg/"):
         load_lm_documents("gutenberg", tmp_path)
+
+
+def test_a_teacher_head_under_autocast_casts_its_weight_once_and_gives_autocast_s_logits():
+    """Under bf16 autocast the head's logits are bit for bit what autocast's own linear gives;
+    the weight is cast once for every step that shares the cast, and again once it changes."""
+    torch.manual_seed(5)
+    head = torch.nn.Linear(8, 50, bias=False).requires_grad_(False)
+    hidden = torch.randn(2, 5, 8)
+    rows = torch.arange(10)
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    with autocast():
+        expected = head(hidden.reshape(-1, 8))
+    casts = {}
+    first = TeacherHead(hidden, head, autocast, casts)
+    assert torch.equal(first.rows(rows), expected) and expected.dtype == torch.bfloat16
+    (cast,) = casts.values()
+    assert torch.equal(TeacherHead(hidden, head, autocast, casts).rows(rows[:4]), expected[:4])
+    assert next(iter(casts.values())) is cast  # the next step reused it
+    head.weight.mul_(2.0)  # changed in place: cast afresh
+    with autocast():
+        doubled = head(hidden.reshape(-1, 8))
+    assert torch.equal(TeacherHead(hidden, head, autocast, casts).rows(rows), doubled)
+    assert len(casts) == 1 and next(iter(casts.values())) is not cast
+    assert torch.equal(TeacherHead(hidden, head).rows(rows), head(hidden.reshape(-1, 8)))  # no autocast
