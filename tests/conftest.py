@@ -38,12 +38,15 @@ def shared_data():
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The tests that read the smoke book go first, as one pytest-xdist group (`--dist
     loadgroup`): one worker builds the book once, the longest chain of the run, while the other
-    takes the remaining tests beside it."""
+    takes the remaining tests beside it, the slow ones first. pytest-xdist hands each worker its
+    next test when it has two or fewer left, so the unit tests (a second or less each) fill in
+    at the end, and no worker finishes with a long test while the other waits."""
     smoke = {id(item) for item in items if "smoke_book" in getattr(item, "fixturenames", ())}
     for item in items:
         if id(item) in smoke:
             item.add_marker(pytest.mark.xdist_group("smoke_book"))
-    items.sort(key=lambda item: id(item) not in smoke)  # stable: each part keeps its order
+    # stable: each part keeps its order
+    items.sort(key=lambda item: (id(item) not in smoke, item.get_closest_marker("slow") is None))
 
 
 @pytest.fixture(scope="session")
