@@ -151,10 +151,13 @@ class TeacherHead:
     changed in place is cast afresh.
     """
 
-    ROWS_PER_PASS = 512
+    ROWS_PER_PASS = 256
     """Rows the output layer is applied to at once. The loss's blocks are a few dozen rows, and
     applying the layer to each alone made chapter 3's online step 1.30x its limit (`python -m
-    bench --setting lm`, against 1.06 with the whole logits); 256 rows a pass 1.12x, 512 1.05x."""
+    bench --setting lm`, against 1.06 with the whole logits), when the weight was cast at each
+    pass. With the cast kept (2026-12-05, one process, interleaved, 8 x 128 tokens): 128 rows
+    1.08x the time limit, 256 1.06x, 512 1.06x; the step's peak of live tensors 1.02x, 1.04x and
+    1.09x the next-token step's (1.14x at 512 rows casting once a step)."""
 
     def __init__(
         self,
