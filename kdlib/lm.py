@@ -184,11 +184,9 @@ class TeacherHead:
         with torch.no_grad(), self.context():
             hidden = self.hidden.index_select(0, rows.to(self.hidden.device))
             device = hidden.device.type
-            weight = getattr(self.head, "weight", None)
             if (
                 isinstance(self.head, torch.nn.Linear)
-                and weight is not None
-                and weight.dtype == torch.float32  # what autocast would cast
+                and self.head.weight.dtype == torch.float32  # what autocast would cast
                 and torch.is_autocast_enabled(device)
             ):
                 dtype = torch.get_autocast_dtype(device)
