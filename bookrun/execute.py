@@ -77,7 +77,10 @@ def execute(chapter: Chapter, parameters: dict[str, Any], notebook_out: Path) ->
     profile = str(parameters.get("profile", "default"))
     timings = progress.timings_file(BUILD, profile, chapter.key)
     cells = progress.as_executed(notebook.cells, parameterised=bool(parameters))
-    reporter = progress.Progress(chapter.key, profile, cells, progress.read_timings(timings))
+    expected, basis = progress.read_timings(timings), None
+    if expected is None and profile == records.PROFILE:
+        expected, basis = progress.record_estimate(records.read_record(chapter))
+    reporter = progress.Progress(chapter.key, profile, cells, expected, basis=basis)
     keep_freed_memory()  # the kernel inherits it: no page faults for every step's large tensors
     started = time.perf_counter()
     try:

@@ -5,8 +5,10 @@ hung one. While papermill executes a chapter, `Progress` prints a line when the 
 a new section (its `##` headings are its stages: data, teacher pass, experiment, results) and
 relays every line the chapter itself prints (each training run announces its name and seed),
 each stamped with the elapsed time. The remaining time is estimated from the cell durations of
-the last successful run of the same chapter at the same profile (`BUILD/timings`); the first
-run on a machine says it has nothing to estimate from. Plain lines, no redrawn bar, so that a
+the last successful run of the same chapter at the same profile (`BUILD/timings`); at the
+reference profile a machine's first run takes the committed record's wall time instead (its
+hardware may differ: the line says whose time it is); otherwise the first run on a machine says
+it has nothing to estimate from. Plain lines, no redrawn bar, so that a
 CI log reads like a terminal.
 """
 
@@ -72,6 +74,7 @@ class Progress:
 
     `expected` is the previous run's seconds per cell; it is used only if that run had the
     same cells (same chapter source), else the estimate is its total less the time elapsed.
+    `basis` names that run in the printed estimate (default: the last run at this profile).
     """
 
     def __init__(
@@ -81,9 +84,11 @@ class Progress:
         cells: list[Any],
         expected: list[float] | None,
         out: TextIO | None = None,
+        basis: str | None = None,
     ) -> None:
         self.key, self.profile, self.cells = key, profile, cells
         self.expected = expected
+        self.basis = basis or f"last {profile} run"
         self.out = out or sys.stdout
         self.started = time.perf_counter()
         self.section: str | None = None
@@ -115,7 +120,7 @@ class Progress:
         self.section = section
         left = self.remaining(cell_index)
         estimate = (
-            f"about {_minutes(left)} left (last {self.profile} run)"
+            f"about {_minutes(left)} left ({self.basis})"
             if left is not None
             else f"no earlier {self.profile} run here to estimate the time from"
         )
@@ -135,6 +140,16 @@ class Progress:
 
 def timings_file(build: Path, profile: str, key: str) -> Path:
     return build / "timings" / profile / f"{key}.json"
+
+
+def record_estimate(record: dict[str, Any] | None) -> tuple[list[float] | None, str | None]:
+    """(expected seconds, basis) from a committed reference record: its whole wall time, named
+    with the hardware that took it, or (None, None) without a record."""
+    if not record or not record.get("wall_time_s"):
+        return None, None
+    commit = record.get("record", {}).get("commit", "")[:10]
+    where = hardware_text(record["hardware"]) if record.get("hardware") else "its machine"
+    return [float(record["wall_time_s"])], f"the committed record's run at {commit}, on {where}"
 
 
 def read_timings(path: Path) -> list[float] | None:

@@ -101,3 +101,19 @@ def test_summary_names_time_memory_verdicts_and_the_page():
 
 def test_kernels_run_over_local_sockets():
     assert progress.IPCKernelManager().transport == "ipc"
+
+
+def test_a_reference_run_without_local_timings_estimates_from_the_committed_record():
+    record = {
+        "wall_time_s": 6420.0,
+        "hardware": {"processor": "Xeon", "torch_threads": 2, "gpu": None},
+        "record": {"commit": "da0358dad778a530a97802dd4bef01692a8650b6"},
+    }
+    expected, basis = progress.record_estimate(record)
+    assert expected == [6420.0]
+    assert basis == "the committed record's run at da0358dad7, on Xeon, 2 threads, no GPU"
+    assert progress.record_estimate(None) == (None, None)
+    out = io.StringIO()
+    run = progress.Progress("ch9", "reference", CELLS, expected, out, basis=basis)
+    run.on_cell_start(cell=CELLS[1], cell_index=1)
+    assert "about 107.0 min left (the committed record's run at da0358dad7, on Xeon" in out.getvalue()
