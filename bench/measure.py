@@ -364,8 +364,13 @@ def kdlib_run(windows: int, epochs: float, teacher_bf16: bool) -> dict[str, Any]
     reset_peak()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        with torch.autocast("cpu", dtype=torch.bfloat16) if teacher_bf16 else nullcontext():
-            logits = teacher_span_logits(teacher, data.train, tokenizer.pad_token_id, TeacherOutputCache(tmp))
+        logits = teacher_span_logits(
+            teacher,
+            data.train,
+            tokenizer.pad_token_id,
+            TeacherOutputCache(tmp),
+            precision="bfloat16" if teacher_bf16 else "float32",  # the chapter's teacher_precision
+        )
         teacher_seconds = time.perf_counter() - started
         student, _ = _student(cfg)
         trainer = DistillationTrainer(
