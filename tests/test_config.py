@@ -97,3 +97,19 @@ def test_from_namespace_takes_exactly_the_fields():
 def test_layer_config_names_the_bad_value(values, culprit):
     with pytest.raises(ConfigError, match=culprit):
         chapter_config(CH2, **values)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_ch1_bf16_reaches_the_students_trainer_arguments(tmp_path, bf16):
+    from types import SimpleNamespace
+
+    import torch
+
+    from experiments.ch1_distilbert_squad import student_arguments
+
+    cfg = chapter_config(CH1, bf16=bf16, output_dir=str(tmp_path))
+    data = SimpleNamespace(train=[None] * 64, curve=None)  # what the arguments read of the windows
+    args = student_arguments(cfg, data, "student_distilled/seed0", 0, True)
+    assert args.bf16 is bf16
+    # a CPU trains under bf16 only with use_cpu set; float32 runs leave the device to the Trainer
+    assert args.use_cpu is (bf16 and not torch.cuda.is_available())

@@ -28,6 +28,7 @@ from kdlib.batching import PadCollator
 from kdlib.cache import TeacherOutputCache
 from kdlib.config import ConfigError, check_choice, check_range
 from kdlib.data import load_squad, split_by_article
+from kdlib.lm_cache import bf16_autocast
 from kdlib.qa_teacher import PRECISIONS, load_qa_model, span_logits, teacher_span_logits, window_dataset
 from kdlib.registry import quiet_transformers, resolve_model
 from kdlib.report import RunRecord, claim_record, gain_verdict, write_json_atomic
@@ -71,6 +72,7 @@ class SquadDistillationConfig:
     warmup_ratio: float
     weight_decay: float
     teacher_precision: str
+    bf16: bool
     eval_every: int
     seed: int
     train_seeds: list[int]
@@ -261,9 +263,11 @@ class Scored:
 
 
 def score(model: torch.nn.Module, data: SquadSplit, cfg: SquadDistillationConfig) -> Scored:
-    """EM/F1 of `model` on the held-out questions, as SQuAD's official script computes them."""
+    """EM/F1 of `model` on the held-out questions, as SQuAD's official script computes them
+    (under bfloat16 autocast when `cfg.bf16`, as the students are trained and their curves scored)."""
     started = time.perf_counter()
-    logits = span_logits(model, data.eval, data.pad_token_id)
+    with bf16_autocast(cfg.bf16, next(model.parameters()).device):
+        logits = span_logits(model, data.eval, data.pad_token_id)
     predictions = qa.predict_answers(
         data.eval_examples,
         data.eval,
@@ -321,6 +325,8 @@ def student_arguments(
         alpha_ce=cfg.alpha_ce if distil else 0.0,
         alpha_task=cfg.alpha_squad if distil else 1.0,
         train_sampling_strategy="group_by_length",
+        bf16=cfg.bf16,
+        use_cpu=cfg.bf16 and not torch.cuda.is_available(),  # the Trainer's condition for bf16 on a CPU
     )
 
 
