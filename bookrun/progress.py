@@ -143,12 +143,12 @@ def timings_file(build: Path, profile: str, key: str) -> Path:
 
 
 def record_estimate(record: dict[str, Any] | None) -> tuple[list[float] | None, str | None]:
-    """(expected seconds, basis) from a committed reference record: its whole wall time, named
-    with the hardware that took it, or (None, None) without a record."""
-    if not record or not record.get("wall_time_s"):
+    """(expected seconds, basis) from a committed reference record (every record names its
+    commit, hardware and wall time: tests/test_records.py): its whole wall time, named with the
+    hardware that took it, or (None, None) without a record."""
+    if record is None:
         return None, None
-    commit = record.get("record", {}).get("commit", "")[:10]
-    where = hardware_text(record["hardware"]) if record.get("hardware") else "its machine"
+    commit, where = record["record"]["commit"][:10], hardware_text(record["hardware"])
     return [float(record["wall_time_s"])], f"the committed record's run at {commit}, on {where}"
 
 
