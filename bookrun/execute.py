@@ -79,7 +79,7 @@ def execute(chapter: Chapter, parameters: dict[str, Any], notebook_out: Path) ->
     cells = progress.as_executed(notebook.cells, parameterised=bool(parameters))
     expected, basis = progress.read_timings(timings), None
     if expected is None and profile == records.PROFILE:
-        expected, basis = progress.record_estimate(records.read_record(chapter))
+        expected, basis = progress.record_estimate(records.read_record(chapter), parameters)
     reporter = progress.Progress(chapter.key, profile, cells, expected, basis=basis)
     keep_freed_memory()  # the kernel inherits it: no page faults for every step's large tensors
     started = time.perf_counter()

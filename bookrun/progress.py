@@ -142,14 +142,30 @@ def timings_file(build: Path, profile: str, key: str) -> Path:
     return build / "timings" / profile / f"{key}.json"
 
 
-def record_estimate(record: dict[str, Any] | None) -> tuple[list[float] | None, str | None]:
+def record_estimate(
+    record: dict[str, Any] | None, parameters: dict[str, Any] | None = None
+) -> tuple[list[float] | None, str | None]:
     """(expected seconds, basis) from a committed reference record (every record names its
     commit, hardware and wall time: tests/test_records.py): its whole wall time, named with the
-    hardware that took it, or (None, None) without a record."""
+    hardware that took it, or (None, None) without a record.
+
+    A record made before its profile changed (more epochs, more seeds) still gives the only
+    estimate there is, but a wrong one: the basis names each parameter of this run that the
+    record ran with another value, so the reader knows which way to read it.
+    """
     if record is None:
         return None, None
     commit, where = record["record"]["commit"][:10], hardware_text(record["hardware"])
-    return [float(record["wall_time_s"])], f"the committed record's run at {commit}, on {where}"
+    basis = f"the committed record's run at {commit}, on {where}"
+    ran = record.get("parameters", {})
+    changed = [
+        f"{name} {ran[name]!r}, now {value!r}"
+        for name, value in (parameters or {}).items()
+        if name in ran and name != "output_dir" and ran[name] != value
+    ]
+    if changed:
+        basis += ", which ran " + "; ".join(changed)
+    return [float(record["wall_time_s"])], basis
 
 
 def read_timings(path: Path) -> list[float] | None:
