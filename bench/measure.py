@@ -302,6 +302,21 @@ def student_steps(steps: int) -> dict[str, Any]:
     }
 
 
+def _whole_run_schedule(cfg: Any, epochs: float) -> dict[str, Any]:
+    """The optimiser, schedule and logging that the blog's run and kdlib's share, so that the
+    whole-run ratio compares trainers and nothing else (`warmup_steps` below 1 is a ratio)."""
+    return dict(
+        per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=epochs,
+        warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        lr_scheduler_type="linear",
+        seed=0,
+        logging_steps=1,
+    )
+
+
 def blog_run(windows: int, epochs: float) -> dict[str, Any]:
     """A whole run with the blog's trainer, in its own process (for its peak memory)."""
     from transformers import PrinterCallback, TrainingArguments
@@ -318,14 +333,7 @@ def blog_run(windows: int, epochs: float) -> dict[str, Any]:
             model=student,
             args=TrainingArguments(
                 output_dir=tmp,
-                per_device_train_batch_size=cfg.batch_size,
-                learning_rate=cfg.learning_rate,
-                num_train_epochs=epochs,
-                warmup_steps=cfg.warmup_ratio,
-                weight_decay=cfg.weight_decay,
-                lr_scheduler_type="linear",
-                seed=0,
-                logging_steps=1,
+                **_whole_run_schedule(cfg, epochs),
                 save_strategy="no",
                 report_to="none",
                 use_cpu=True,
@@ -378,14 +386,7 @@ def kdlib_run(windows: int, epochs: float, teacher_bf16: bool) -> dict[str, Any]
             args=_args(
                 tmp,
                 True,
-                per_device_train_batch_size=cfg.batch_size,
-                learning_rate=cfg.learning_rate,
-                num_train_epochs=epochs,
-                warmup_steps=cfg.warmup_ratio,
-                weight_decay=cfg.weight_decay,
-                lr_scheduler_type="linear",
-                seed=0,
-                logging_steps=1,
+                **_whole_run_schedule(cfg, epochs),
                 train_sampling_strategy="group_by_length",
             ),
             train_dataset=window_dataset(data.train, logits),
