@@ -146,7 +146,7 @@ def record_estimate(
     record: dict[str, Any] | None, parameters: dict[str, Any] | None = None
 ) -> tuple[list[float] | None, str | None]:
     """(expected seconds, basis) from a committed reference record (every record names its
-    commit, hardware and wall time: tests/test_records.py): its whole wall time, named with the
+    commit, hardware, parameters and wall time: tests/test_records.py): its whole wall time, named with the
     hardware that took it, or (None, None) without a record.
 
     A record made before its profile changed (more epochs, more seeds) still gives the only
@@ -157,7 +157,7 @@ def record_estimate(
         return None, None
     commit, where = record["record"]["commit"][:10], hardware_text(record["hardware"])
     basis = f"the committed record's run at {commit}, on {where}"
-    ran = record.get("parameters", {})
+    ran = record["parameters"]
     changed = [
         f"{name} {ran[name]!r}, now {value!r}"
         for name, value in (parameters or {}).items()
