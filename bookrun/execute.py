@@ -79,7 +79,9 @@ def execute(chapter: Chapter, parameters: dict[str, Any], notebook_out: Path) ->
     cells = progress.as_executed(notebook.cells, parameterised=bool(parameters))
     expected, basis = progress.read_timings(timings), None
     if expected is None and profile == records.PROFILE:
-        expected, basis = progress.record_estimate(records.read_record(chapter), parameters)
+        record = records.read_record(chapter)
+        drift = records.parameter_drift(chapter, record, parameters) if record else None
+        expected, basis = progress.record_estimate(record, drift)
     reporter = progress.Progress(chapter.key, profile, cells, expected, basis=basis)
     keep_freed_memory()  # the kernel inherits it: no page faults for every step's large tensors
     started = time.perf_counter()

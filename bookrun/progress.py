@@ -143,27 +143,22 @@ def timings_file(build: Path, profile: str, key: str) -> Path:
 
 
 def record_estimate(
-    record: dict[str, Any] | None, parameters: dict[str, Any] | None = None
+    record: dict[str, Any] | None, drift: dict[str, tuple[Any, Any]] | None = None
 ) -> tuple[list[float] | None, str | None]:
     """(expected seconds, basis) from a committed reference record (every record names its
-    commit, hardware, parameters and wall time: tests/test_records.py): its whole wall time, named with the
+    commit, hardware and wall time: tests/test_records.py): its whole wall time, named with the
     hardware that took it, or (None, None) without a record.
 
     A record made before its profile changed (more epochs, more seeds) still gives the only
-    estimate there is, but a wrong one: the basis names each parameter of this run that the
-    record ran with another value, so the reader knows which way to read it.
+    estimate there is, but a wrong one: the basis names each parameter in `drift`
+    (`records.parameter_drift`: name -> (recorded, now)), so the reader knows which way to read it.
     """
     if record is None:
         return None, None
     commit, where = record["record"]["commit"][:10], hardware_text(record["hardware"])
     basis = f"the committed record's run at {commit}, on {where}"
-    ran = record["parameters"]
-    changed = [
-        f"{name} {ran[name]!r}, now {value!r}"
-        for name, value in (parameters or {}).items()
-        if name in ran and name != "output_dir" and ran[name] != value
-    ]
-    if changed:
+    if drift:
+        changed = (f"{name} {ran!r}, now {now!r}" for name, (ran, now) in drift.items())
         basis += ", which ran " + "; ".join(changed)
     return [float(record["wall_time_s"])], basis
 

@@ -298,9 +298,15 @@ def reference_run(key: str) -> tuple[dict[str, Any] | None, str]:
     return record, "\n\n".join(lines)
 
 
-def parameter_drift(chapter: Chapter, record: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """name -> (recorded, what the reference profile gives now), for every parameter that differs."""
-    now = dataclasses.asdict(chapter_config(chapter, **profile_values(chapter, PROFILE), profile=PROFILE))
+def parameter_drift(
+    chapter: Chapter, record: dict[str, Any], parameters: dict[str, Any] | None = None
+) -> dict[str, tuple[Any, Any]]:
+    """name -> (recorded, what a run gets now), for every parameter that differs: by default
+    what the reference profile gives, else what a run's injected `parameters` (profile values
+    and overrides) give."""
+    if parameters is None:
+        parameters = {**profile_values(chapter, PROFILE), "profile": PROFILE}
+    now = dataclasses.asdict(chapter_config(chapter, **parameters))
     recorded = record["parameters"]
     return {
         name: (recorded.get(name), value)

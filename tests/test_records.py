@@ -248,6 +248,13 @@ def test_a_record_whose_parameters_left_its_profile_is_caught():
     assert records.parameter_drift(CHAPTERS["ch1"], record) == {}
     record["parameters"]["eval_questions"] = 400
     assert records.parameter_drift(CHAPTERS["ch1"], record) == {"eval_questions": (400, 0)}
+    # against a run's own parameters (profile values and overrides, as papermill injects them)
+    run = {**profile_values(CHAPTERS["ch1"], "reference"), "profile": "reference", "output_dir": "../x"}
+    assert records.parameter_drift(CHAPTERS["ch1"], record, run) == {"eval_questions": (400, 0)}
+    assert records.parameter_drift(CHAPTERS["ch1"], record, {**run, "epochs": 3.0}) == {
+        "eval_questions": (400, 0),
+        "epochs": (record["parameters"]["epochs"], 3.0),
+    }
 
 
 def test_a_chapter_without_a_reference_profile_is_refused_before_any_work():
