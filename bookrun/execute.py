@@ -22,7 +22,7 @@ from typing import Any
 import jupytext
 import papermill
 
-from bookrun import notebooks, progress, records, results, teachers
+from bookrun import kernel, notebooks, progress, records, results, teachers
 from bookrun.chapters import CHAPTERS, ROOT, Chapter
 from bookrun.params import resolve
 from kdlib.config import ConfigError
@@ -97,6 +97,7 @@ def execute(chapter: Chapter, parameters: dict[str, Any], notebook_out: Path) ->
             stdout_file=reporter,
             kernel_manager_class=progress.IPCKernelManager,
             on_cell_start=reporter.on_cell_start,
+            extra_arguments=kernel.ARGUMENTS,
         )
     finally:
         source.unlink(missing_ok=True)

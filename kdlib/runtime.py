@@ -20,6 +20,8 @@ changes off glibc (macOS, musl) or in a GPU's memory.
 from __future__ import annotations
 
 import ctypes
+import gc
+import importlib
 import os
 import platform
 
@@ -43,3 +45,21 @@ def keep_freed_memory(children: bool = True) -> bool:
     if applied and children:
         os.environ.update(ENVIRONMENT)
     return applied
+
+
+def freeze_imported_objects(*modules: str) -> int:
+    """Import `modules`, then move every object the cyclic garbage collector tracks into its
+    permanent generation (`gc.freeze`), where no later collection walks it; returns how many.
+
+    transformers' `Trainer.train` starts with accelerate's `free_memory`, a full `gc.collect()`.
+    In a process that has imported torch and transformers that walks about half a million objects
+    the imports made, 0.2 s on a 2-core CPU, at every run: a chapter at the smoke profile trains a
+    dozen runs of a few steps each. Call this once, after the imports and before the work, so a
+    collection walks only what the work made. Frozen objects are still freed when their last
+    reference goes; only a reference cycle among them would outlive its use, and objects made
+    by imports live as long as the process.
+    """
+    for name in modules:
+        importlib.import_module(name)
+    gc.freeze()
+    return gc.get_freeze_count()

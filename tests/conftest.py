@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from kdlib.runtime import keep_freed_memory
+from kdlib.runtime import freeze_imported_objects, keep_freed_memory
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # `make test` runs two pytest-xdist workers on this 2-core machine: each worker, and every
@@ -21,6 +21,12 @@ if UNDER_XDIST:
     os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1 if UNDER_XDIST else 2)
 keep_freed_memory()  # as the book and the benchmark run: see kdlib.runtime
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Every test module is imported now: freeze what the imports made, as the book's kernels
+    do (`bookrun.kernel`), so that each of the tests' Trainer runs does not walk it again."""
+    freeze_imported_objects("kdlib.trainer")
 
 
 @pytest.fixture(scope="session")

@@ -215,3 +215,26 @@ def test_only_hub_models_are_looked_up_before_a_run(monkeypatch):
         first = next(paper[name] for name in chapter.models if paper.get(name))
         with pytest.raises(HubUnavailableError, match=f"model '{first}'"):
             check_hub_models([(chapter, paper)])
+
+
+@pytest.mark.slow
+def test_a_chapters_kernel_starts_with_the_imports_frozen():
+    """`execute` starts each kernel with `kernel.ARGUMENTS`: the extension loads, so the kernel
+    has imported kdlib's trainer and frozen the objects that made, before the first cell."""
+    from jupyter_client.manager import start_new_kernel
+
+    from bookrun import kernel
+
+    manager, client = start_new_kernel(kernel_name="python3", extra_arguments=kernel.ARGUMENTS)
+    printed: list[str] = []
+    try:
+        reply = client.execute_interactive(
+            "import gc, sys; print('kdlib.trainer' in sys.modules, gc.get_freeze_count() > 100_000)",
+            output_hook=lambda msg: printed.append(msg["content"].get("text", "")),
+            timeout=120,
+        )
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
+    assert reply["content"]["status"] == "ok"
+    assert "".join(printed).split() == ["True", "True"]

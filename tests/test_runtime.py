@@ -1,7 +1,11 @@
-"""`keep_freed_memory`: a large tensor freed and allocated again costs no new page faults."""
+"""`keep_freed_memory`: a large tensor freed and allocated again costs no new page faults.
+`freeze_imported_objects`: what exists when it runs is no longer walked by a collection."""
 
 import os
 import resource
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -25,3 +29,32 @@ def test_freed_large_tensors_are_reused_without_page_faults():
     faults_to_fill(128)  # the heap grows to hold it
     again = faults_to_fill(96)
     assert again < pages // 20, again  # unmapped when freed, every page would fault in again
+
+
+FROZEN = textwrap.dedent(
+    """
+    import gc, sys, weakref
+    from kdlib.runtime import freeze_imported_objects
+
+    class Node:
+        pass
+
+    before = Node()
+    before.self = before  # a cycle: only a collection could free it
+    alone = Node()
+    gone = weakref.ref(alone)
+    frozen = freeze_imported_objects("json")
+    after = Node()
+    tracked = gc.get_objects()
+    del alone  # frozen, but its last reference went: freed at once
+    print(frozen > 1000, "json" in sys.modules, gone() is None,
+          any(o is before for o in tracked), any(o is after for o in tracked), gc.collect() == 0)
+    """
+)
+
+
+def test_frozen_objects_are_not_walked_but_still_freed_by_reference_count():
+    # a process of its own: the freeze cannot be undone for what the test session froze
+    out = subprocess.run([sys.executable, "-c", FROZEN], capture_output=True, text=True, check=True).stdout
+    # imported, freed when its reference went, frozen before: not walked, made after: walked
+    assert out.split() == ["True", "True", "True", "False", "True", "True"]
