@@ -31,6 +31,8 @@ CAPS = {
     "ch1": {
         "max_train_windows": 64,
         "eval_questions": 64,
+        "max_length": 128,  # the profile's 384 (stride 128) makes each step ~3x as costly
+        "stride": 32,
         "curve_questions": 32,
         "epochs": 1.0,
         "eval_every": 2,
@@ -39,6 +41,7 @@ CAPS = {
         "train_examples": 64,
         "eval_examples": 64,
         "train_seeds": [0, 1],  # two seeds: its verdicts need a spread
+        "epochs": 1.0,
     },
     "ch3": {
         "max_length": 64,
@@ -51,6 +54,7 @@ CAPS = {
     "ch4": {
         "train_examples": 256,
         "eval_examples": 64,
+        "max_length": 64,  # the profile's 128 makes each step ~3x as costly; no code path needs it
         "predecessor_steps": 4,
         "replacing_steps": 4,
         "successor_steps": 2,

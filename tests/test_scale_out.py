@@ -97,9 +97,10 @@ def test_two_processes_writing_one_entry_leave_one_valid_entry(tmp_path):
     assert value[0, 0] in (1.0, 2.0)
 
 
-@pytest.mark.parametrize("sampling", ["sequential", "group_by_length"])
-def test_same_seed_gives_the_same_cached_kd_run(tmp_path, sampling):
-    runs = [kd_run(tmp_path / name, "--steps", "3", "--sampling", sampling) for name in ("a", "b")]
+def test_same_seed_gives_the_same_cached_kd_run(tmp_path):
+    """Sequential sampling; length-grouped sampling's is implied by the resume test above, whose
+    straight run and resumed run (each seeded afresh, in processes of their own) must agree."""
+    runs = [kd_run(tmp_path / name, "--steps", "3", "--sampling", "sequential") for name in ("a", "b")]
     assert all(r.returncode == 0 for r in runs)
     a, b = results(tmp_path / "a")[0], results(tmp_path / "b")[0]
     assert a["losses"] == b["losses"] and a["weights"] == b["weights"]
