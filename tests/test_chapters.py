@@ -284,7 +284,7 @@ def test_ch4_runs_every_method_and_seed(ch4_metrics):
         assert summary["mean"] == pytest.approx(sum(accs) / 2)
         assert summary["min"] == min(accs) and summary["max"] == max(accs)
         assert all(0 <= a <= 100 for a in accs)
-    assert ch4_metrics["data"]["classes"] == 77 and ch4_metrics["data"]["eval_examples"] == 32
+    assert ch4_metrics["data"]["classes"] == 77 and ch4_metrics["data"]["eval_examples"] == 16
     assert results["predecessor"]["layers"] == 6
 
 

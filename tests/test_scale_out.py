@@ -50,9 +50,19 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    single = kd_run(tmp_path / "single", "--per-device", "8", "--steps", "4")
-    assert single.returncode == 0, single.stderr[-2000:]
+@pytest.fixture(scope="module")
+def sequential_pair(tmp_path_factory):
+    """Two single-process runs with the same seed, 4 steps of 8 in sequence: the same-seed test
+    compares them with each other, the gloo test with its two processes (one worker runs both)."""
+    root = tmp_path_factory.mktemp("sequential")
+    for name in ("a", "b"):
+        run = kd_run(root / name, "--per-device", "8", "--steps", "4", "--sampling", "sequential")
+        assert run.returncode == 0, run.stderr[-2000:]
+    return results(root / "a")[0], results(root / "b")[0]
+
+
+@pytest.mark.xdist_group("sequential_pair")
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, sequential_pair):
     launcher = (
         sys.executable,
         "-m",
@@ -64,7 +74,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     )
     ddp = kd_run(tmp_path / "ddp", "--per-device", "4", "--steps", "4", launcher=launcher)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    one, two = results(tmp_path / "single")[0], results(tmp_path / "ddp")
+    one, two = sequential_pair[0], results(tmp_path / "ddp")
     assert sorted(two) == [0, 1] and two[0]["world_size"] == 2
     # Same 8 examples per step, split 4 + 4: the averaged gradients equal the single-process
     # ones up to float summation order. Tolerance: 1e-5 absolute on losses and weights.
@@ -97,10 +107,9 @@ def test_two_processes_writing_one_entry_leave_one_valid_entry(tmp_path):
     assert value[0, 0] in (1.0, 2.0)
 
 
-def test_same_seed_gives_the_same_cached_kd_run(tmp_path):
+@pytest.mark.xdist_group("sequential_pair")
+def test_same_seed_gives_the_same_cached_kd_run(sequential_pair):
     """Sequential sampling; length-grouped sampling's is implied by the resume test above, whose
     straight run and resumed run (each seeded afresh, in processes of their own) must agree."""
-    runs = [kd_run(tmp_path / name, "--steps", "3", "--sampling", "sequential") for name in ("a", "b")]
-    assert all(r.returncode == 0 for r in runs)
-    a, b = results(tmp_path / "a")[0], results(tmp_path / "b")[0]
-    assert a["losses"] == b["losses"] and a["weights"] == b["weights"]
+    a, b = sequential_pair
+    assert a["losses"] == b["losses"] and a["weights"] == b["weights"] and len(a["losses"]) == 4
