@@ -49,7 +49,8 @@ def keep_freed_memory(children: bool = True) -> bool:
 
 def freeze_imported_objects(*modules: str) -> int:
     """Import `modules`, then move every object the cyclic garbage collector tracks into its
-    permanent generation (`gc.freeze`), where no later collection walks it; returns how many.
+    permanent generation (`gc.freeze`), where no later collection walks it; returns how many
+    objects are frozen now.
 
     transformers' `Trainer.train` starts with accelerate's `free_memory`, a full `gc.collect()`.
     In a process that has imported torch and transformers that walks about half a million objects
